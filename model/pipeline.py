@@ -1,0 +1,88 @@
+"""DDPM: a U-Net, its config and its diffusion, with load / save / sample."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, load_state, read_checkpoint, strip_prefix, write_checkpoint
+from .config import ModelConfig
+from .diffusers_import import is_diffusers_folder, read_diffusers_folder
+from .diffusion import GaussianDiffusion
+from .samplers import denoise_step, image_generator, make_plan
+from .unet import UNet
+
+
+class DDPM:
+    def __init__(self, unet: UNet, config: ModelConfig, info: dict[str, Any] | None = None):
+        self.unet = unet
+        self.config = config
+        self.diffusion = GaussianDiffusion(config.diffusion)
+        self.info = info or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        u = self.config.unet
+        return (u.in_channels, u.image_size, u.image_size)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        n: int,
+        steps: int | None = None,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        seed: int | None = 0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """n images in [-1, 1], [n, C, H, W]. Image i draws all its noise from its own generator
+        seeded by (seed, i), so it is the same whatever batch it is computed in."""
+        plan = make_plan(self.diffusion, sampler, steps or self.diffusion.num_timesteps, eta)
+        seed = secrets.randbits(63) if seed is None else seed
+        device = self.device
+        generators = [image_generator(seed, i, device) for i in range(n)]
+        x = draw_noise(generators, self.image_shape, device)
+        if noise is not None:
+            x = noise.to(device=device, dtype=x.dtype).reshape(x.shape)
+        clip = torch.full((n,), plan.clip_x0)
+        self.unet.eval()
+        for t, coefs in zip(plan.timesteps.tolist(), plan.coefs):
+            eps = self.unet(x, torch.full((n,), t, device=device, dtype=torch.long))
+            z = draw_noise(generators, self.image_shape, device)
+            x, _ = denoise_step(x, eps, coefs.expand(n, -1), clip, z)
+        return x.clamp(-1.0, 1.0)
+
+
+def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DDPM:
+    """Our .safetensors file (inference or training checkpoint), or a diffusers DDPM folder."""
+    path = Path(path)
+    if is_diffusers_folder(path):
+        tensors, config, metadata = read_diffusers_folder(path)
+    elif path.is_dir():
+        raise CheckpointError(f"{path}: a folder, but not a diffusers model (no unet/config.json or config.json)")
+    else:
+        tensors, config, metadata = read_checkpoint(path)
+        if metadata.get("kind") == "training":
+            tensors = strip_prefix(tensors, "ema.")
+    unet = UNet(config.unet)
+    load_state(unet, tensors, str(path))
+    return DDPM(unet.to(device).eval(), config, metadata.get("info", {}))
+
+
+def save(ddpm: DDPM, path: str | os.PathLike) -> None:
+    write_checkpoint(path, ddpm.unet.state_dict(), ddpm.config, kind="inference", info=ddpm.info)

@@ -1,0 +1,20 @@
+"""DDIM sampling (Song et al. 2021, eq. 12): deterministic at eta = 0, DDPM-like at eta = 1."""
+
+from __future__ import annotations
+
+import torch
+
+from ..diffusion import GaussianDiffusion
+from .base import SamplingPlan, alphas_cumprod_pairs, spaced_timesteps, x0_coefs
+
+
+def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> SamplingPlan:
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    timesteps = spaced_timesteps(diffusion.num_timesteps, steps)
+    abar_t, abar_prev = alphas_cumprod_pairs(diffusion.schedule.alphas_cumprod, timesteps)
+    sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+    direction = torch.sqrt((1.0 - abar_prev - sigma**2).clamp(min=0.0))
+    a, b = x0_coefs(abar_t)
+    coefs = torch.stack([a, b, torch.sqrt(abar_prev), torch.zeros_like(a), direction, sigma], dim=1)
+    return SamplingPlan(timesteps, coefs, diffusion.config.clip_x0)

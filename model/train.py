@@ -1,0 +1,317 @@
+"""ddpm-train: the paper's training recipe (Ho et al. 2020, sec. 4 and appendix B).
+
+    ddpm-train --preset mnist --data mnist --steps 20000 --out runs/mnist
+
+Adam, linear warmup, gradient clipping at 1.0, EMA of the weights, L_simple. Every random
+draw of step s (t, noise, dropout, flips) comes from a generator seeded by (seed, rank, s),
+and the data order from (seed, epoch), so --resume continues a run exactly. Multi-process
+training: `torchrun --nproc_per_node N -m model.train ...` (DDP; gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_state, read_checkpoint, strip_prefix, write_checkpoint
+from .config import PRESETS, ModelConfig, preset
+from .data import DatasetError, load_dataset, save_grid, to_model_range
+from .diffusion import GaussianDiffusion
+from .pipeline import DDPM, save
+from .samplers import image_seed
+from .unet import UNet
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lr: float
+    warmup: int
+    batch_size: int
+    ema_decay: float
+    flip: bool
+    grad_clip: float = 1.0
+
+
+RECIPES = {
+    "cifar10": Recipe(lr=2e-4, warmup=5000, batch_size=128, ema_decay=0.9999, flip=True),
+    "lsun256": Recipe(lr=2e-5, warmup=5000, batch_size=64, ema_decay=0.9999, flip=True),
+    # Short CPU runs: a larger lr and a shorter EMA horizon, or the EMA would still be mostly init.
+    "mnist": Recipe(lr=1e-3, warmup=500, batch_size=64, ema_decay=0.999, flip=False),
+    "tiny": Recipe(lr=1e-3, warmup=10, batch_size=16, ema_decay=0.99, flip=False),
+}
+
+
+@dataclass
+class TrainState:
+    step: int
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ddpm-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="model config (default: mnist)")
+    p.add_argument("--data", default=None, help="'mnist', 'cifar10' or a folder of images (default: the preset's dataset)")
+    p.add_argument("--data-path", default=None, help="file of the mnist/cifar10 dataset (default: ../shared/data)")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's image size (folder data)")
+    p.add_argument("--out", default=None, help="run folder for checkpoints, samples and metrics (default: runs/PRESET)")
+    p.add_argument("--steps", type=int, default=20000, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (split across processes)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="linear lr warmup steps")
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0: off)")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--sample-every", type=int, default=2000, help="write a sample grid from the EMA weights (0: off)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the training grids (fast previews)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--resume", default=None, help="training checkpoint to continue from")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p.parse_args(argv)
+
+
+def resolve_recipe(args: argparse.Namespace) -> tuple[ModelConfig, Recipe, str]:
+    config = preset(args.preset)
+    unet_changes = {}
+    if args.image_size:
+        unet_changes["image_size"] = args.image_size
+    if args.dropout is not None:
+        unet_changes["dropout"] = args.dropout
+    if unet_changes:
+        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, **unet_changes))
+    base = RECIPES[args.preset]
+    overrides = {
+        "lr": args.lr, "warmup": args.warmup, "batch_size": args.batch_size,
+        "ema_decay": args.ema_decay, "flip": args.flip, "grad_clip": args.grad_clip,
+    }
+    recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    data = args.data or ("cifar10" if config.unet.in_channels == 3 else "mnist")
+    return config, recipe, data
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def learning_rate(recipe: Recipe, step: int) -> float:
+    return recipe.lr * min(1.0, (step + 1) / max(recipe.warmup, 1))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    # Early on, average over the steps seen so far rather than towards the random init.
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def epoch_batch(num_images: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch at `step`: a fresh permutation per epoch, a function of (seed, step) alone."""
+    per_epoch = max(num_images // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(seed, epoch)))
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
+
+def training_checkpoint(state: TrainState, config: ModelConfig, info: dict) -> dict:
+    model = unwrap(state.model)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
+    optim = state.optimizer.state_dict()
+    for index, slots in optim["state"].items():
+        for name, value in slots.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    return dict(tensors=tensors, config=config, kind="training",
+                info={**info, "step": state.step, "param_groups": optim["param_groups"]})
+
+
+def restore(state: TrainState, path: str, config: ModelConfig) -> None:
+    tensors, saved_config, metadata = read_checkpoint(path)
+    if metadata.get("kind") != "training":
+        raise CheckpointError(f"{path}: an inference file, not a training checkpoint (no optimizer state)")
+    if saved_config != config:
+        raise CheckpointError(f"{path}: saved with a different model config than --preset gives")
+    load_state(unwrap(state.model), strip_prefix(tensors, "model."), path)
+    load_state(state.ema, strip_prefix(tensors, "ema."), path)
+    slots: dict[int, dict] = {}
+    for key, value in strip_prefix(tensors, "optim.").items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    state.optimizer.load_state_dict({"state": slots, "param_groups": metadata["info"]["param_groups"]})
+    state.step = metadata["info"]["step"]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; the loop then saves."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.config, self.recipe, self.data_name = resolve_recipe(args)
+        self.rank, self.world = dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
+        self.device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        self.out = Path(args.out or f"runs/{args.preset}")
+        if self.recipe.batch_size % self.world:
+            raise SystemExit(f"ddpm-train: --batch-size {self.recipe.batch_size} not divisible by {self.world} processes")
+        u = self.config.unet
+        self.images = load_dataset(self.data_name, "train", args.data_path, u.image_size, u.in_channels)
+        if args.limit:
+            self.images = self.images[: args.limit]
+        self.diffusion = GaussianDiffusion(self.config.diffusion)
+        self.state = self._build_state()
+        self.stop = StopFlag()
+
+    def _build_state(self) -> TrainState:
+        torch.manual_seed(self.args.seed)
+        model = UNet(self.config.unet).to(self.device)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.recipe.lr, eps=1e-8)
+        state = TrainState(0, model, ema, optimizer)
+        if self.args.resume:
+            restore(state, self.args.resume, self.config)
+        if self.world > 1:
+            state.model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.args.compile:
+            state.model = torch.compile(state.model)
+        return state
+
+    def info(self) -> dict:
+        return {"dataset": self.data_name, "preset": self.args.preset, "recipe": dataclasses.asdict(self.recipe),
+                "seed": self.args.seed, "world_size": self.world}
+
+    def local_batch(self, step: int) -> torch.Tensor:
+        indices = epoch_batch(len(self.images), self.recipe.batch_size, step, self.args.seed)
+        x = to_model_range(self.images[indices[self.rank :: self.world]]).to(self.device)
+        if self.recipe.flip:
+            flip = torch.rand(x.shape[0], device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        torch.manual_seed(image_seed(self.args.seed, (step + 1) * 1_000_003 + self.rank))
+        state = self.state
+        x0 = self.local_batch(step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(self.recipe, step)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.args.bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = self.diffusion.training_loss(state.model, x0)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.recipe.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+        state.optimizer.step()
+        update_ema(state.ema, unwrap(state.model), self.recipe.ema_decay, step)
+        return loss.item(), grad_norm.item()
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / "checkpoint.safetensors"
+        write_checkpoint(path, **training_checkpoint(self.state, self.config, self.info()))
+        final = DDPM(self.state.ema, self.config, {**self.info(), "step": self.state.step})
+        save(final, self.out / "model.safetensors")
+        return path
+
+    def sample_grid(self) -> None:
+        ddpm = DDPM(self.state.ema, self.config, {})
+        images = ddpm.sample(64, steps=self.args.sample_steps, sampler="ddim", seed=self.args.seed)
+        save_grid(images, self.out / "samples" / f"step{self.state.step:07d}.png")
+
+    def run(self) -> Path | None:
+        args, state, main = self.args, self.state, self.rank == 0
+        self.stop.install()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps({"model": self.config.to_dict(), **self.info()}, indent=2))
+        log = (self.out / "metrics.jsonl").open("a") if main else None
+        bar = tqdm(total=args.steps, initial=state.step, disable=not main, dynamic_ncols=True, desc="train")
+        state.model.train()
+        started, window_start, window_steps = time.time(), time.time(), 0
+        while state.step < args.steps and not self.stop.requested:
+            loss, grad_norm = self.train_step(state.step)
+            if not math.isfinite(loss):
+                raise SystemExit(f"ddpm-train: loss became {loss} at step {state.step}; lower --lr or check the data")
+            state.step += 1
+            window_steps += 1
+            bar.update(1)
+            if main and (state.step % args.log_every == 0 or state.step == args.steps):
+                rate = window_steps / (time.time() - window_start)
+                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(self.recipe, state.step - 1),
+                          "steps_per_s": rate, "elapsed_s": time.time() - started}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}")
+                window_start, window_steps = time.time(), 0
+            if main and args.save_every and state.step % args.save_every == 0:
+                self.save_checkpoint()
+            if main and args.sample_every and state.step % args.sample_every == 0:
+                self.sample_grid()
+        bar.close()
+        if not main:
+            return None
+        path = self.save_checkpoint()
+        log.close()
+        reason = "stopped by signal" if self.stop.requested else "done"
+        print(f"ddpm-train: {reason} at step {state.step}; checkpoint {path}, weights {self.out / 'model.safetensors'}")
+        return path
+
+
+def init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    init_distributed()
+    try:
+        Trainer(args).run()
+    except (DatasetError, CheckpointError) as exc:
+        sys.exit(f"ddpm-train: {exc}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
