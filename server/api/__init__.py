@@ -1,0 +1,7 @@
+"""The HTTP and WebSocket layer. It sees only the engine's client interface, never a tensor."""
+
+from server.api import generate, jobs, stream, system
+
+ROUTERS = (system.public, system.protected, generate.router, jobs.router, stream.router)
+
+__all__ = ["ROUTERS"]

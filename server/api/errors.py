@@ -1,0 +1,83 @@
+"""Every failure the API reports, as {"error": {"code", "message"}} with the right status.
+
+Engine errors map here once, for both HTTP and WebSocket (`failure_for`), so a client sees the
+same code whichever way it asked.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api.schemas import OutOfRange
+from server.engine.types import EngineClosed, EngineError, Failed, GenerationFailed, InvalidSpec, QueueFull
+
+# Why a generation ended without images -> HTTP status. 499: the client closed the request (nginx).
+FAILURE_STATUS = {"cancelled": 499, "timeout": 504, "shutdown": 503, "out_of_memory": 503, "internal": 500}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_json(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def api_error_for(exc: Exception) -> ApiError:
+    """Map what submit/result/limits raise to the error the client gets."""
+    if isinstance(exc, QueueFull):
+        retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+        return ApiError(429, "queue_full", str(exc), {"Retry-After": retry_after})
+    if isinstance(exc, EngineClosed):
+        return ApiError(503, "shutting_down", "the server is shutting down; retry on another replica")
+    if isinstance(exc, (InvalidSpec, OutOfRange)):
+        return ApiError(422, "invalid_request", str(exc))
+    if isinstance(exc, GenerationFailed):
+        failure = exc.failure
+        return ApiError(FAILURE_STATUS.get(failure.code, 500), failure.code, failure.message)
+    if isinstance(exc, EngineError):
+        return ApiError(503, "unavailable", str(exc))
+    raise TypeError(f"not an API error: {exc!r}") from exc
+
+
+def failure_for(exc: Exception) -> Failed:
+    """The same mapping as an error event for the WebSocket stream."""
+    error = api_error_for(exc)
+    return Failed(request_id="", code=error.code, message=error.message)
+
+
+def describe_validation_errors(errors: list[dict]) -> str:
+    """'n: Input should be less than or equal to 16; seed: ...' naming each field as the client spelled it."""
+    parts = []
+    for error in errors:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path"))
+        parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_json(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    async def on_engine_error(request: Request, exc: Exception) -> JSONResponse:
+        return await on_api_error(request, api_error_for(exc))
+
+    for error_class in (EngineError, OutOfRange, GenerationFailed):
+        app.add_exception_handler(error_class, on_engine_error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_json("invalid_request", describe_validation_errors(exc.errors())), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_json(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)

@@ -1,0 +1,165 @@
+"""WS /ws/generate: one generation per connection, with live events and preview frames.
+
+    client -> {"n": 2, "steps": 50, "preview_every": 5, ...}     (StreamRequest)
+    server -> queued, started, progress..., frame..., done | error, then closes
+    client -> {"type": "cancel"} at any time; closing the socket also cancels.
+
+A malformed message gets an `error` event and a 1008 (policy violation) close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from server.api.deps import State, bearer_token, identify
+from server.api.errors import ApiError, api_error_for, describe_validation_errors, error_json
+from server.api.schemas import OutOfRange, StreamRequest, b64
+from server.engine.types import Done, EngineError, Event, Failed, Frame, Progress, Queued, Started
+
+if TYPE_CHECKING:
+    from server.engine import RequestHandle
+
+router = APIRouter(tags=["stream"])
+
+FIRST_MESSAGE_TIMEOUT_S = 30.0
+# RFC 6455 close codes
+NORMAL, GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER = 1000, 1001, 1008, 1013
+
+
+class ProtocolError(Exception):
+    """The client sent something that is not this protocol."""
+
+
+@router.websocket("/ws/generate")
+async def stream(websocket: WebSocket, state: State) -> None:
+    try:
+        presented = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+        owner = identify(state.settings, presented)
+    except ApiError as exc:
+        await deny(websocket, exc)
+        return
+    await websocket.accept()
+    try:
+        request = await receive_request(websocket, state.settings.max_body_bytes)
+        spec = state.limits.to_spec(request, owner, state.settings.default_preview_every)
+        with state.slots.hold(owner):
+            handle = state.engine.submit(spec)
+            await relay(websocket, handle, state.settings.max_body_bytes)
+    except ProtocolError as exc:
+        await send_error_and_close(websocket, "invalid_message", str(exc), POLICY_VIOLATION)
+    except (ApiError, EngineError, OutOfRange) as exc:
+        error = exc if isinstance(exc, ApiError) else api_error_for(exc)
+        await send_error_and_close(websocket, error.code, error.message, close_code_for(error))
+    except WebSocketDisconnect:
+        pass  # the client left; relay has cancelled its request
+
+
+async def deny(websocket: WebSocket, error: ApiError) -> None:
+    """Refuse the handshake with the HTTP status where the server can send one, else close 1008."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        response = JSONResponse(error_json(error.code, error.message), error.status, headers=error.headers)
+        await websocket.send_denial_response(response)
+    else:
+        await websocket.close(POLICY_VIOLATION, error.message)
+
+
+async def receive_request(websocket: WebSocket, max_bytes: int) -> StreamRequest:
+    try:
+        text = await asyncio.wait_for(receive_text(websocket, max_bytes), FIRST_MESSAGE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"no request within {FIRST_MESSAGE_TIMEOUT_S:.0f}s of connecting") from None
+    try:
+        return StreamRequest.model_validate_json(text)
+    except ValidationError as exc:
+        raise ProtocolError(describe_validation_errors(exc.errors())) from None
+
+
+async def receive_text(websocket: WebSocket, max_bytes: int) -> str:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", NORMAL))
+    text = message.get("text")
+    if text is None:
+        raise ProtocolError("send JSON text messages, not binary")
+    if len(text) > max_bytes:
+        raise ProtocolError(f"message of {len(text)} bytes; the limit is {max_bytes}")
+    return text
+
+
+async def relay(websocket: WebSocket, handle: RequestHandle, max_bytes: int) -> None:
+    """Forward the engine's events while listening for cancel; either side ending ends both."""
+    forward = asyncio.ensure_future(forward_events(websocket, handle))
+    listen = asyncio.ensure_future(listen_for_cancel(websocket, handle, max_bytes))
+    try:
+        finished, _ = await asyncio.wait({forward, listen}, return_when=asyncio.FIRST_COMPLETED)
+        if forward not in finished:  # the client left or broke the protocol: stop the work too
+            handle.cancel()
+            listen.result()  # raises WebSocketDisconnect or ProtocolError
+        await forward
+    finally:
+        for task in (forward, listen):
+            task.cancel()
+        handle.cancel()  # a no-op once finished; frees the lanes if we got here any other way
+
+
+async def forward_events(websocket: WebSocket, handle: RequestHandle) -> None:
+    async for event in handle.events():
+        await websocket.send_json(event_json(event))
+        if isinstance(event, Failed):
+            await websocket.close(GOING_AWAY if event.code == "shutdown" else NORMAL)
+        elif isinstance(event, Done):
+            await websocket.close(NORMAL)
+
+
+async def listen_for_cancel(websocket: WebSocket, handle: RequestHandle, max_bytes: int) -> None:
+    while True:
+        text = await receive_text(websocket, max_bytes)
+        try:
+            message = json.loads(text)
+        except ValueError:
+            raise ProtocolError("not JSON") from None
+        if message != {"type": "cancel"}:
+            raise ProtocolError('after the request, the only message is {"type": "cancel"}')
+        handle.cancel()  # the engine ends the stream with an error event, code "cancelled"
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    if isinstance(event, Queued):
+        return {"type": "queued", "id": event.request_id, "position": event.position}
+    if isinstance(event, Started):
+        return {"type": "started", "id": event.request_id}
+    if isinstance(event, Progress):
+        return {"type": "progress", "id": event.request_id, "step": event.step, "total": event.total,
+                "eta_s": event.eta_s}
+    if isinstance(event, Frame):
+        return {"type": "frame", "id": event.request_id, "step": event.step, "total": event.total,
+                "index": event.index, "kind": event.kind, "png": b64(event.png)}
+    if isinstance(event, Done):
+        images = [{"index": i.index, "seed": i.seed, "b64_json": b64(i.png)} for i in event.images]
+        return {"type": "done", "id": event.request_id, "seed": event.seed, "images": images,
+                "timings": event.timings}
+    if isinstance(event, Failed):
+        return {"type": "error", "id": event.request_id, "code": event.code, "message": event.message}
+    raise TypeError(f"unknown event {event!r}")
+
+
+def close_code_for(error: ApiError) -> int:
+    if error.status == 429:
+        return TRY_AGAIN_LATER
+    if error.status == 503:
+        return GOING_AWAY
+    return POLICY_VIOLATION
+
+
+async def send_error_and_close(websocket: WebSocket, code: str, message: str, close_code: int) -> None:
+    try:
+        await websocket.send_json({"type": "error", "code": code, "message": message})
+        await websocket.close(close_code)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # already gone or already closed

@@ -1,0 +1,107 @@
+"""create_app(settings): the FastAPI app. Its lifespan loads the weights, starts the engine, and on
+shutdown drains it (running work finishes within `shutdown_grace_s`; new work gets 503).
+
+    uvicorn --factory server.app:create_app      # settings from DDPM_* variables
+    ddpm-serve --weights my.safetensors          # the same, with flags (server/cli.py)
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.api import ROUTERS
+from server.api.deps import OwnerSlots, ServerState
+from server.api.errors import install_error_handlers
+from server.api.jobs import JobStore
+from server.api.middleware import BodySizeLimit, HttpMetrics
+from server.api.schemas import ModelLimits
+from server.metrics import Metrics, PrometheusObserver
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    import model
+
+# (settings, observer) -> an object with the Engine's client interface. Tests pass a fake.
+EngineFactory = Callable[[Settings, PrometheusObserver], Any]
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (missing or unreadable weights...); the message is one line."""
+
+
+def load_model(settings: Settings) -> model.DDPM:
+    import model  # torch loads here, not when the API modules are imported
+
+    path = settings.weights
+    if not path.exists():
+        raise StartupError(f"weights not found: {path} (set --weights or DDPM_WEIGHTS)")
+    try:
+        return model.load(path, settings.resolved_device())
+    except Exception as exc:  # any failure to read a user's file is a start-up error, not a traceback
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StartupError(f"cannot load weights {path}: {reason}") from exc
+
+
+def real_engine_factory(ddpm: model.DDPM | None = None) -> EngineFactory:
+    """Build the real engine around `ddpm`, or around the weights the settings name."""
+
+    def build(settings: Settings, observer: PrometheusObserver) -> Any:
+        from server.engine import Engine, EngineConfig
+
+        config = EngineConfig(
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            policy=settings.policy,
+            default_timeout_s=settings.request_timeout_s,
+            max_preview_fps=settings.max_preview_fps,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            max_images_per_request=settings.max_images_per_request,
+        )
+        return Engine(ddpm or load_model(settings), config, observer)
+
+    return build
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine_factory = engine_factory or real_engine_factory()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = engine_factory(settings, metrics.observer)
+        await engine.start()
+        num_timesteps = engine.model_info()["num_timesteps"]
+        limits = ModelLimits(num_timesteps, settings.max_images_per_request)
+        slots = OwnerSlots(settings.max_concurrent_per_key)
+        jobs = JobStore(engine, slots, num_timesteps, settings.job_ttl_s, settings.max_jobs)
+        app.state.server = ServerState(settings, engine, metrics, limits, jobs, slots)
+        try:
+            yield
+        finally:
+            await engine.shutdown(settings.shutdown_grace_s)
+            await jobs.close()
+
+    app = FastAPI(
+        title="ddpm-serve",
+        summary="Denoising diffusion (Ho et al. 2020) as a service: batched steps, live previews.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    for router in ROUTERS:
+        app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+        )
+    app.add_middleware(HttpMetrics, metrics=metrics)  # outermost: it also sees 413s and CORS refusals
+    return app

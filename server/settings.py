@@ -1,0 +1,77 @@
+"""Every knob of the server, read once: defaults < DDPM_* environment variables < ddpm-serve flags."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_WEIGHTS = PROJECT_ROOT / "weights" / "ddpm-mnist.safetensors"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="forbid", frozen=True)
+
+    # The model
+    weights: Path = Field(SHIPPED_WEIGHTS, description="our .safetensors file or a diffusers folder")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
+
+    # Listening
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # The engine
+    max_batch: int = Field(32, ge=1, description="images per U-Net call")
+    max_queue: int = Field(256, ge=1, description="images waiting before new requests get 429")
+    policy: Literal["continuous", "static", "sequential"] = "continuous"
+    max_images_per_request: int = Field(16, ge=1)
+    request_timeout_s: float = Field(3600.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    max_preview_fps: float = Field(10.0, gt=0)
+
+    # The API
+    default_preview_every: int = Field(0, ge=0, description="WebSocket preview cadence when a request gives none")
+    max_body_bytes: int = Field(16 * 1024, ge=256)
+    job_ttl_s: float = Field(600.0, gt=0, description="how long finished jobs stay readable")
+    max_jobs: int = Field(1024, ge=1, description="jobs remembered at once (finished ones are dropped first)")
+
+    # Security
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
+    max_concurrent_per_key: int = Field(8, ge=1, description="open requests per API key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("weights", mode="after")
+    @classmethod
+    def resolve_from_project_root(cls, path: Path) -> Path:
+        # A relative path means the same file whatever directory the server is started from,
+        # unless it exists relative to the current directory.
+        path = path.expanduser()
+        return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # only here: the API layer itself never needs torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def key_id(api_key: str) -> str:
+    """A stable, non-secret name for a key: jobs, limits and logs carry this, never the key."""
+    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:12]

@@ -1,0 +1,172 @@
+"""A fake engine with the real one's client interface, for API tests without a model.
+
+Each request runs on its own asyncio task: Queued, then (once `gate` is open) Started, one
+Progress per step (`step_s` apart), Frames every `preview_every` steps, and Done with tiny PNGs.
+Close `gate` to keep requests queued (queue positions, 429s, cancelling while queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from server.engine.types import (
+    Done,
+    EngineClosed,
+    Failed,
+    Frame,
+    GeneratedImage,
+    GenerationFailed,
+    GenerationSpec,
+    InvalidSpec,
+    Progress,
+    Queued,
+    QueueFull,
+    RequestState,
+    RequestStatus,
+    Started,
+)
+
+
+def tiny_png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (2, 2), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class FakeHandle:
+    id: str
+    seed: int
+    spec: GenerationSpec
+    state: RequestState = RequestState.QUEUED
+    step: int = 0
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    ended: Done | Failed | None = None
+
+    async def events(self):
+        while True:
+            event = await self.queue.get()
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
+
+    async def result(self) -> Done:
+        async for event in self.events():
+            if isinstance(event, Failed):
+                raise GenerationFailed(event)
+            if isinstance(event, Done):
+                return event
+        raise AssertionError("stream ended without Done or Failed")
+
+    def cancel(self) -> bool:
+        if self.ended is not None:
+            return False
+        self.cancelled = True
+        return True
+
+
+class FakeEngine:
+    def __init__(self, num_timesteps: int = 50, step_s: float = 0.0, max_queue: int = 64, observer=None):
+        self.num_timesteps, self.step_s, self.max_queue = num_timesteps, step_s, max_queue
+        self.observer = observer
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.handles: dict[str, FakeHandle] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.started = self.closing = False
+        self.ids = itertools.count()
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        self.closing = True
+        for handle in self.handles.values():
+            handle.cancel()
+        self.gate.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.closing
+
+    def queued_images(self) -> int:
+        return sum(h.spec.n for h in self.handles.values() if h.state == RequestState.QUEUED)
+
+    def submit(self, spec: GenerationSpec) -> FakeHandle:
+        if self.closing:
+            self.observer.on_reject("closed")
+            raise EngineClosed("shutting down")
+        if spec.steps is not None and spec.steps > self.num_timesteps:
+            self.observer.on_reject("invalid")
+            raise InvalidSpec(f"steps must be between 1 and {self.num_timesteps}")
+        if self.queued_images() + spec.n > self.max_queue:
+            self.observer.on_reject("queue_full")
+            raise QueueFull(retry_after_s=2.5)
+        handle = FakeHandle(id=f"req-{next(self.ids)}", seed=spec.seed if spec.seed is not None else 1234, spec=spec)
+        self.handles[handle.id] = handle
+        self.observer.on_submit(spec.n)
+        task = asyncio.get_running_loop().create_task(self.run(handle))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return handle
+
+    async def run(self, handle: FakeHandle) -> None:
+        submitted, spec = time.perf_counter(), handle.spec
+        total = spec.steps or self.num_timesteps
+        handle.queue.put_nowait(Queued(handle.id, position=len(self.handles) - 1))
+        await self.gate.wait()
+        if handle.cancelled:
+            return self.finish(handle, Failed(handle.id, "shutdown" if self.closing else "cancelled", "cancelled"))
+        handle.state = RequestState.RUNNING
+        self.observer.on_start(time.perf_counter() - submitted)
+        handle.queue.put_nowait(Started(handle.id))
+        for step in range(1, total + 1):
+            await asyncio.sleep(self.step_s)
+            if handle.cancelled:
+                code = "shutdown" if self.closing else "cancelled"
+                return self.finish(handle, Failed(handle.id, code, "cancelled at step boundary"))
+            handle.step = step
+            self.observer.on_step(spec.n, self.step_s, spec.n, self.queued_images())
+            handle.queue.put_nowait(Progress(handle.id, step, total, eta_s=(total - step) * self.step_s))
+            if spec.preview_every and step % spec.preview_every == 0:
+                for index, kind in itertools.product(range(spec.n), spec.preview_kinds):
+                    handle.queue.put_nowait(Frame(handle.id, step, total, index, kind, tiny_png(step % 256)))
+        images = [GeneratedImage(i, seed=handle.seed * 1000 + i, png=tiny_png(i)) for i in range(spec.n)]
+        total_s = time.perf_counter() - submitted
+        self.finish(handle, Done(handle.id, handle.seed, images, {"queue_s": 0.0, "run_s": total_s, "total_s": total_s}))
+
+    def finish(self, handle: FakeHandle, event: Done | Failed) -> None:
+        handle.ended = event
+        handle.state = RequestState.SUCCEEDED if isinstance(event, Done) else (
+            RequestState.CANCELLED if event.code == "cancelled" else RequestState.FAILED)
+        outcome = "succeeded" if isinstance(event, Done) else event.code
+        self.observer.on_finish(outcome, 0.01)
+        handle.queue.put_nowait(event)
+        del self.handles[handle.id]  # the real engine forgets finished requests too
+
+    def cancel(self, request_id: str) -> bool:
+        handle = self.handles.get(request_id)
+        return handle.cancel() if handle else False
+
+    def status(self, request_id: str) -> RequestStatus | None:
+        handle = self.handles.get(request_id)
+        if handle is None:
+            return None
+        queued = handle.state == RequestState.QUEUED
+        return RequestStatus(handle.id, handle.state, 0 if queued else None, handle.step,
+                             handle.spec.steps or self.num_timesteps, None, handle.spec.owner)
+
+    def model_info(self) -> dict:
+        return {"config": {}, "num_parameters": 1, "image_shape": [1, 2, 2], "num_timesteps": self.num_timesteps,
+                "dataset": "fake", "samplers": ["ddim", "ddpm"]}
+
+    def stats(self) -> dict:
+        return {"queue_depth": self.queued_images(), "running_lanes": 0, "running_requests": 0, "steps_per_s": 0.0}
