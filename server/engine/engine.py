@@ -1,0 +1,406 @@
+"""The engine: one thread owns every running lane and runs the model; callers send it messages.
+
+Callers (the asyncio loop) submit, cancel and read status under a short lock on the waiting
+queue and the request registry. The engine thread does the rest, one iteration at a time:
+
+    sweep     end cancelled, timed-out and (when shutting down) unstarted requests
+    schedule  the scheduler says how many waiting lanes to admit and how many lanes to run
+    step      one U-Net call over those lanes, each with its own t, sampler and noise
+    publish   frames that are due, progress, finished requests (PNGs encoded in a pool)
+
+A failing step fails exactly the requests in its batch; on device out-of-memory the batch
+cap is halved and the step retried first. Shutdown stops accepting, fails what has not
+started, finishes what runs, and past the grace period fails the rest with code "shutdown".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from model import DDPM
+from model.samplers import SAMPLERS
+
+from .config import EngineConfig
+from .events import EventChannel, RequestHandle
+from .observer import EngineObserver, NullObserver
+from .publisher import Publisher
+from .request import Lane, Request
+from .runner import Runner
+from .scheduler import Scheduler
+from .types import (
+    EngineClosed,
+    Failed,
+    GenerationSpec,
+    InvalidSpec,
+    Progress,
+    Queued,
+    QueueFull,
+    RequestState,
+    RequestStatus,
+    Started,
+)
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.25  # how often an idle engine looks at deadlines and the shutdown grace
+MAX_SEED = 2**63
+FRAME_KINDS = ("x_t", "x0")
+OUTCOME_OF_CODE = {"cancelled": "cancelled", "timeout": "timeout", "shutdown": "shutdown"}
+
+
+class Engine:
+    def __init__(self, ddpm: DDPM, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None):
+        self.config = config
+        self.observer = observer or NullObserver()
+        self._runner = Runner(ddpm)
+        self._scheduler = Scheduler(config.policy, config.max_batch)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._publisher: Publisher | None = None
+        self._thread: threading.Thread | None = None
+        self._wakeup = threading.Event()
+        # Shared with callers, under _lock.
+        self._lock = threading.Lock()
+        self._requests: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()  # requests with lanes not yet admitted, FIFO
+        self._waiting_images = 0
+        self._closing = False
+        self._grace_deadline = math.inf
+        # The engine thread's own.
+        self._running: list[Lane] = []  # admission order
+        self._step_s = 0.0  # moving average of one step's duration
+        self._lane_steps = float(self._runner.num_timesteps)  # moving average of steps per image
+
+    # ---- lifecycle (on the asyncio loop) ----
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine was already started")
+        self._loop = asyncio.get_running_loop()
+        self._publisher = Publisher(self._loop, self.config.encoder_threads)
+        self._thread = threading.Thread(target=self._run, name="ddpm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        with self._lock:
+            self._closing = True
+            self._grace_deadline = min(self._grace_deadline, time.monotonic() + grace_s)
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._publisher.close)
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closing
+
+    # ---- the client interface (on the asyncio loop; never blocks) ----
+
+    def submit(self, spec: GenerationSpec) -> RequestHandle:
+        if self._loop is None:
+            self.observer.on_reject("closed")
+            raise EngineClosed("the engine has not been started")
+        try:
+            plan = self._plan_for(spec)
+        except InvalidSpec:
+            self.observer.on_reject("invalid")
+            raise
+        seed = secrets.randbits(63) if spec.seed is None else spec.seed
+        timeout_s = self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s
+        channel = EventChannel(self._loop)
+        request = Request(uuid.uuid4().hex, spec, seed, plan, timeout_s, channel)
+        with self._lock:
+            if self._closing:
+                rejection = "closed"
+            elif self._waiting_images + spec.n > self.config.max_queue:
+                rejection = "queue_full"
+            else:
+                rejection = None
+                self._requests[request.id] = request
+                self._waiting.append(request)
+                self._waiting_images += spec.n
+                position = len(self._waiting) - 1
+        if rejection == "closed":
+            self.observer.on_reject("closed")
+            raise EngineClosed("the engine is shutting down")
+        if rejection == "queue_full":
+            self.observer.on_reject("queue_full")
+            raise QueueFull(self._retry_after_s(spec.n))
+        channel.put(Queued(request.id, position))
+        self.observer.on_submit(spec.n)
+        self._wakeup.set()
+        return RequestHandle(request.id, seed, spec, channel, self.cancel)
+
+    def cancel(self, request_id: str) -> bool:
+        """True if the request was live; it ends with Failed(code="cancelled") at the next step."""
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None:
+                return False
+            request.cancel_requested = True
+        self._wakeup.set()
+        return True
+
+    def status(self, request_id: str) -> RequestStatus | None:
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None:
+                return None
+            queued = request.state is RequestState.QUEUED
+            return RequestStatus(
+                request_id=request.id,
+                state=request.state,
+                queue_position=self._waiting.index(request) if queued else None,
+                step=request.step,
+                total=request.total,
+                eta_s=None if queued else self._eta_s(request),
+                owner=request.spec.owner,
+            )
+
+    def model_info(self) -> dict:
+        ddpm = self._runner.ddpm
+        num_timesteps = self._runner.num_timesteps
+        return {
+            "config": ddpm.config.to_dict(),
+            "num_parameters": ddpm.num_parameters(),
+            "image_shape": list(ddpm.image_shape),
+            "num_timesteps": num_timesteps,
+            "dataset": ddpm.info.get("dataset"),
+            "info": ddpm.info,
+            "device": str(self._runner.device),
+            "samplers": sorted(SAMPLERS),
+            "defaults": {"sampler": "ddpm", "steps": num_timesteps, "eta": 0.0,
+                         "preview_every": self.config.default_preview_every},
+            "limits": {
+                "max_batch": self.config.max_batch,
+                "max_images_per_request": self.config.max_images_per_request,
+                "max_queue": self.config.max_queue,
+                "max_preview_fps": self.config.max_preview_fps,
+                "default_timeout_s": self.config.default_timeout_s,
+            },
+            "policy": self.config.policy,
+        }
+
+    def stats(self) -> dict:
+        with self._lock:
+            running_requests = sum(r.state is RequestState.RUNNING for r in self._requests.values())
+            queue_depth = self._waiting_images
+        return {
+            "queue_depth": queue_depth,
+            "running_lanes": len(self._running),
+            "running_requests": running_requests,
+            "steps_per_s": 1.0 / self._step_s if self._step_s else 0.0,
+            "batch_cap": self._scheduler.batch_cap,
+            "policy": self.config.policy,
+        }
+
+    def _plan_for(self, spec: GenerationSpec):
+        """The spec's sampling plan, or InvalidSpec saying what is wrong with it."""
+        limit = self.config.max_images_per_request
+        if not isinstance(spec.n, int) or not 1 <= spec.n <= limit:
+            raise InvalidSpec(f"n must be an integer between 1 and {limit}, got {spec.n!r}")
+        if spec.sampler not in SAMPLERS:
+            raise InvalidSpec(f"unknown sampler {spec.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        num_timesteps = self._runner.num_timesteps
+        steps = num_timesteps if spec.steps is None else spec.steps
+        if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+            raise InvalidSpec(f"steps must be an integer between 1 and {num_timesteps} (the model's T), got {steps!r}")
+        if not math.isfinite(spec.eta) or spec.eta < 0:
+            raise InvalidSpec(f"eta must be a finite number >= 0, got {spec.eta!r}")
+        if spec.eta and spec.sampler != "ddim":
+            raise InvalidSpec("eta applies to the ddim sampler only")
+        if spec.seed is not None and not (isinstance(spec.seed, int) and 0 <= spec.seed < MAX_SEED):
+            raise InvalidSpec(f"seed must be an integer in [0, 2**63), got {spec.seed!r}")
+        if not isinstance(spec.preview_every, int) or spec.preview_every < 0:
+            raise InvalidSpec(f"preview_every must be an integer >= 0 (0: no previews), got {spec.preview_every!r}")
+        unknown = set(spec.preview_kinds) - set(FRAME_KINDS)
+        if unknown:
+            raise InvalidSpec(f"unknown preview kinds {sorted(unknown)}; choose from {list(FRAME_KINDS)}")
+        if spec.timeout_s is not None and not spec.timeout_s > 0:
+            raise InvalidSpec(f"timeout_s must be > 0, got {spec.timeout_s!r}")
+        return self._runner.plan(spec.sampler, steps, float(spec.eta))
+
+    def _retry_after_s(self, images: int) -> float:
+        """Roughly when `images` more would fit: the excess over the queue limit, drained at
+        the rate lanes finish (batch cap lanes every average lane lifetime)."""
+        excess = self._waiting_images + images - self.config.max_queue
+        lane_lifetime_s = self._lane_steps * (self._step_s or 0.1)
+        return max(1.0, math.ceil(excess / self._scheduler.batch_cap) * lane_lifetime_s)
+
+    def _eta_s(self, request: Request) -> float | None:
+        return (request.total - request.step) * self._step_s if self._step_s else None
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._iterate():
+                    pass
+        except BaseException as exc:  # a bug in the loop itself: still end every request
+            log.exception("the engine loop crashed")
+            with self._lock:
+                self._closing = True
+                requests = list(self._requests.values())
+            for request in requests:
+                self._end(request, "internal", f"the engine stopped: {exc!r}")
+
+    def _iterate(self) -> bool:
+        """One scheduling iteration; False when shut down and empty."""
+        self._wakeup.clear()  # before looking: a submit from now on wakes the wait below
+        self._sweep(time.monotonic())
+        batch = self._admit()
+        if batch:
+            self._step(batch)
+            return True
+        with self._lock:
+            if self._closing and not self._requests:
+                return False
+        self._wakeup.wait(IDLE_WAIT_S)
+        return True
+
+    def _sweep(self, now: float) -> None:
+        with self._lock:
+            requests = list(self._requests.values())
+            closing = self._closing
+            past_grace = closing and now >= self._grace_deadline
+        for request in requests:
+            if request.cancel_requested:
+                self._end(request, "cancelled", "cancelled by the client")
+            elif now >= request.deadline:
+                self._end(request, "timeout", f"not finished within {request.deadline - request.submitted_at:g}s")
+            elif past_grace:
+                self._end(request, "shutdown", "the server shut down before the request finished")
+            elif closing and request.state is RequestState.QUEUED:
+                self._end(request, "shutdown", "the server is shutting down; the request had not started")
+
+    def _admit(self) -> list[Lane]:
+        """Admits the lanes the scheduler picks; returns the lanes to step now."""
+        started = []
+        with self._lock:
+            waiting = (request.lanes_waiting for request in self._waiting)
+            plan = self._scheduler.schedule(waiting, len(self._running))
+            for count in plan.admit:
+                request = self._waiting[0]
+                self._running.extend(request.admit_lanes(count, self._runner.image_shape, self._runner.device))
+                if request.state is RequestState.QUEUED:
+                    request.state = RequestState.RUNNING
+                    request.started_at = time.monotonic()
+                    started.append(request)
+                if not request.lanes_waiting:
+                    self._waiting.popleft()
+            self._waiting_images -= plan.admitted
+        for request in started:
+            self._publisher.send(request.channel, Started(request.id))
+            self.observer.on_start(request.started_at - request.submitted_at)
+        return self._running[: plan.run]
+
+    def _step(self, batch: list[Lane]) -> None:
+        began = time.perf_counter()
+        try:
+            x_prev, x0 = self._runner.step(batch)
+        except torch.OutOfMemoryError:
+            if self._scheduler.halve_batch_cap():
+                log.warning("out of device memory at batch %d; batch cap now %d", len(batch), self._scheduler.batch_cap)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                return  # the next iteration retries the oldest lanes at the smaller cap
+            self._fail_batch(batch, "out_of_memory", "out of device memory even at batch size 1")
+            return
+        except Exception as exc:
+            log.exception("a denoising step failed; failing the %d lanes of its batch", len(batch))
+            self._fail_batch(batch, "internal", f"a denoising step failed: {exc!r}")
+            return
+        step_s = time.perf_counter() - began
+        self._step_s = step_s if not self._step_s else 0.9 * self._step_s + 0.1 * step_s
+        for lane, x in zip(batch, x_prev):
+            lane.advance(x)
+        self._publish(batch, x_prev, x0)
+        self.observer.on_step(len(batch), step_s, len(self._running), self._waiting_images)
+
+    def _publish(self, batch: Sequence[Lane], x_prev: Sequence[torch.Tensor], x0: Sequence[torch.Tensor]) -> None:
+        """After a step: due frames, progress, finished images and requests."""
+        rows_of: dict[Request, list[int]] = {}
+        for row, lane in enumerate(batch):
+            rows_of.setdefault(lane.request, []).append(row)
+        now = time.monotonic()
+        any_finished = False
+        for request, rows in rows_of.items():
+            if request.spec.preview_every:
+                self._publish_frames(request, [batch[row] for row in rows], [x_prev[row] for row in rows],
+                                     [x0[row] for row in rows], now)
+            for row in rows:
+                lane = batch[row]
+                if lane.finished:
+                    request.finals[lane.index] = lane.x
+                    any_finished = True
+            if request.done:
+                self._complete(request, now)
+            elif now - request.last_progress_at >= self.config.progress_interval_s:
+                request.last_progress_at = now
+                self._publisher.send(request.channel, Progress(request.id, request.step, request.total,
+                                                               self._eta_s(request)))
+        if any_finished:
+            self._running = [lane for lane in self._running if not lane.finished]
+
+    def _publish_frames(self, request: Request, lanes: list[Lane], x_t: list[torch.Tensor],
+                        x0: list[torch.Tensor], now: float) -> None:
+        if now - request.last_frame_at < 1.0 / self.config.max_preview_fps:
+            return
+        every = request.spec.preview_every
+        frames = {}
+        for lane, lane_x_t, lane_x0 in zip(lanes, x_t, x0):
+            if lane.cursor % every or lane.finished:  # the final image comes with Done
+                continue
+            for kind in request.spec.preview_kinds:
+                frames[(lane.index, kind)] = (lane.cursor, lane_x_t if kind == "x_t" else lane_x0)
+        if not frames:
+            return
+        request.last_frame_at = now
+        if not request.frames_sent:
+            self.observer.on_first_frame(now - request.submitted_at)
+        request.frames_sent += 1
+        self._publisher.send_frames(request, frames)
+
+    def _complete(self, request: Request, now: float) -> None:
+        with self._lock:
+            del self._requests[request.id]
+            request.state = RequestState.SUCCEEDED
+        self._publisher.send(request.channel, Progress(request.id, request.total, request.total, 0.0))
+        timings = {
+            "queue_s": request.started_at - request.submitted_at,
+            "run_s": now - request.started_at,
+            "total_s": now - request.submitted_at,
+        }
+        self._publisher.send_done(request, timings)
+        self._lane_steps = 0.9 * self._lane_steps + 0.1 * request.total
+        self.observer.on_finish("succeeded", timings["total_s"])
+
+    def _fail_batch(self, batch: Sequence[Lane], code: str, message: str) -> None:
+        for request in dict.fromkeys(lane.request for lane in batch):
+            self._end(request, code, message)
+
+    def _end(self, request: Request, code: str, message: str) -> None:
+        """Ends a live request with Failed(code) and frees its lanes and queue slots."""
+        with self._lock:
+            if self._requests.pop(request.id, None) is None:
+                return
+            if request.lanes_waiting:
+                self._waiting.remove(request)
+                self._waiting_images -= request.lanes_waiting
+            request.state = RequestState.CANCELLED if code == "cancelled" else RequestState.FAILED
+        if request.lanes:
+            self._running = [lane for lane in self._running if lane.request is not request]
+        self._publisher.forget(request)
+        self._publisher.send(request.channel, Failed(request.id, code, message))
+        self.observer.on_finish(OUTCOME_OF_CODE.get(code, "failed"), time.monotonic() - request.submitted_at)

@@ -1,0 +1,99 @@
+"""Getting events out of the engine thread: PNG encoding in a small pool, delivery to the loop.
+
+The engine thread only hands over tensors and returns at once. Preview frames wait in a
+per-request slot where a newer frame of the same image and kind replaces an older one that
+has not been encoded yet, so a slow encoder never builds a backlog; final images always go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+
+from model.data import to_uint8
+
+from .events import EventChannel
+from .request import Request
+from .types import Done, Event, Failed, Frame, FrameKind, GeneratedImage
+
+
+def to_png(image: torch.Tensor) -> bytes:
+    """[C, H, W] in [-1, 1] (clamped) -> PNG bytes: grayscale for C=1, RGB for C=3."""
+    pixels = to_uint8(image.detach()).permute(1, 2, 0).cpu().numpy()
+    if pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+class PendingFrames:
+    """Frames of one request waiting for the encoder: the latest per (image, kind)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._frames: dict[tuple[int, FrameKind], tuple[int, torch.Tensor]] = {}
+
+    def add(self, frames: dict[tuple[int, FrameKind], tuple[int, torch.Tensor]]) -> bool:
+        """True when the slot was empty, i.e. no encode job is queued for it yet."""
+        with self._lock:
+            was_empty = not self._frames
+            self._frames.update(frames)
+            return was_empty
+
+    def take(self) -> dict[tuple[int, FrameKind], tuple[int, torch.Tensor]]:
+        with self._lock:
+            frames, self._frames = self._frames, {}
+            return frames
+
+
+class Publisher:
+    def __init__(self, loop: asyncio.AbstractEventLoop, encoder_threads: int):
+        self._loop = loop
+        self._pool = ThreadPoolExecutor(encoder_threads, thread_name_prefix="ddpm-png")
+        self._pending: dict[str, PendingFrames] = {}
+
+    def send(self, channel: EventChannel, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(channel.put, event)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+    def send_frames(self, request: Request, frames: dict[tuple[int, FrameKind], tuple[int, torch.Tensor]]) -> None:
+        """frames: (image index, kind) -> (step, [C, H, W] tensor)."""
+        pending = self._pending.setdefault(request.id, PendingFrames())
+        if pending.add(frames):
+            self._pool.submit(self._encode_frames, request, pending)
+
+    def send_done(self, request: Request, timings: dict[str, float]) -> None:
+        self._pending.pop(request.id, None)
+        self._pool.submit(self._encode_done, request, timings)
+
+    def forget(self, request: Request) -> None:
+        self._pending.pop(request.id, None)
+
+    def close(self) -> None:
+        """Waits for queued encodes, so every Done is delivered."""
+        self._pool.shutdown(wait=True)
+
+    def _encode_frames(self, request: Request, pending: PendingFrames) -> None:
+        total = request.total
+        for (index, kind), (step, image) in sorted(pending.take().items()):
+            frame = Frame(request.id, step, total, index, kind, to_png(image))
+            self.send(request.channel, frame)
+
+    def _encode_done(self, request: Request, timings: dict[str, float]) -> None:
+        try:
+            images = [
+                GeneratedImage(index, request.image_seed(index), to_png(request.finals[index]))
+                for index in range(request.spec.n)
+            ]
+            outcome: Event = Done(request.id, request.seed, images, timings)
+        except Exception as exc:  # never leave an accepted request without its end
+            outcome = Failed(request.id, "internal", f"encoding the images failed: {exc!r}")
+        self.send(request.channel, outcome)

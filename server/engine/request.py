@@ -1,0 +1,123 @@
+"""A request and its lanes: the engine thread's bookkeeping for one generation.
+
+A request of n images becomes n lanes. Each lane carries its own x_t, its own position in
+its sampler's step list and its own torch.Generator, so a lane computes the same image in
+any batch, beside any other lanes, at any step of theirs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model.samplers import SamplingPlan, image_generator, image_seed
+
+from .events import EventChannel
+from .types import GenerationSpec, RequestState
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    """A SamplingPlan as Python lists: gathering B rows from lists is one cheap
+    torch.tensor call per step, where indexing B tensors would be B small ops."""
+
+    timesteps: list[int]
+    coef_rows: list[list[float]]
+    clip_x0: bool
+
+    @classmethod
+    def of(cls, plan: SamplingPlan) -> "LanePlan":
+        return cls(plan.timesteps.tolist(), plan.coefs.tolist(), plan.clip_x0)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+class Lane:
+    """One image of a request on its way from x_T to x_0."""
+
+    __slots__ = ("request", "index", "plan", "cursor", "x", "generator", "noise")
+
+    def __init__(self, request: "Request", index: int, shape: tuple[int, ...], device: torch.device):
+        self.request = request
+        self.index = index
+        self.plan = request.plan
+        self.cursor = 0  # steps done
+        # x_T first, then one draw per step from the same generator, exactly as DDPM.sample.
+        self.generator = image_generator(request.seed, index, device)
+        self.x = torch.randn(shape, generator=self.generator, device=device)
+        self.noise: torch.Tensor | None = None  # this step's z, kept until the step succeeds
+
+    @property
+    def t(self) -> int:
+        return self.plan.timesteps[self.cursor]
+
+    @property
+    def coefs(self) -> list[float]:
+        return self.plan.coef_rows[self.cursor]
+
+    @property
+    def finished(self) -> bool:
+        return self.cursor == len(self.plan)
+
+    def step_noise(self) -> torch.Tensor:
+        """z for the current step, drawn once: a retried step (after an OOM) reuses it."""
+        if self.noise is None:
+            self.noise = torch.randn(self.x.shape, generator=self.generator, device=self.x.device)
+        return self.noise
+
+    def advance(self, x_prev: torch.Tensor) -> None:
+        self.x = x_prev
+        self.cursor += 1
+        self.noise = None
+
+
+class Request:
+    """Everything the engine knows about one accepted request. Owned by the engine thread,
+    except the fields `status` reads under the engine's lock and the cancel flag."""
+
+    def __init__(self, request_id: str, spec: GenerationSpec, seed: int, plan: LanePlan,
+                 timeout_s: float, channel: EventChannel):
+        self.id = request_id
+        self.spec = spec
+        self.seed = seed
+        self.plan = plan
+        self.channel = channel
+        self.submitted_at = time.monotonic()
+        self.deadline = self.submitted_at + timeout_s
+        self.started_at: float | None = None
+        self.state = RequestState.QUEUED
+        self.cancel_requested = False
+        self.lanes_waiting = spec.n  # not yet admitted
+        self.lanes: list[Lane] = []  # admitted, running or finished
+        self.finals: dict[int, torch.Tensor] = {}
+        self.last_frame_at = float("-inf")
+        self.last_progress_at = float("-inf")
+        self.frames_sent = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.plan)
+
+    @property
+    def step(self) -> int:
+        """Steps done by the slowest image (0 while some image waits for a slot)."""
+        if self.lanes_waiting or not self.lanes:
+            return 0
+        return min(lane.cursor for lane in self.lanes)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finals) == self.spec.n
+
+    def admit_lanes(self, count: int, shape: tuple[int, ...], device: torch.device) -> list[Lane]:
+        first = len(self.lanes)
+        lanes = [Lane(self, index, shape, device) for index in range(first, first + count)]
+        self.lanes.extend(lanes)
+        self.lanes_waiting -= count
+        return lanes
+
+    def image_seed(self, index: int) -> int:
+        return image_seed(self.seed, index)
