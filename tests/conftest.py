@@ -1,0 +1,47 @@
+"""Fixtures any layer's tests can share: a tiny DDPM with random weights, in memory and on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import model
+
+
+def randomize_weights_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter with seeded noise, the zero-initialised output layers included.
+
+    A fresh U-Net predicts eps = 0 (its last layers start at zero), which would let most
+    comparisons pass trivially. Norm scales (the only 1-D weights) stay near 1 so signals
+    keep their size through the network."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * std
+            centre = 1.0 if param.dim() == 1 and name.endswith("weight") else 0.0
+            param.copy_(centre + noise)
+    return module
+
+
+@pytest.fixture(scope="session")
+def randomize_weights() -> Callable[..., torch.nn.Module]:
+    return randomize_weights_
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm() -> model.DDPM:
+    """The `tiny` preset (28x28x1, T=50) with random weights. Shared: do not modify it."""
+    config = model.preset("tiny")
+    unet = randomize_weights_(model.UNet(config.unet)).eval()
+    return model.DDPM(unet, config, info={"source": "tests"})
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory, tiny_ddpm) -> Path:
+    """tiny_ddpm saved as one of our .safetensors files, for code that loads weights by path."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    model.save(tiny_ddpm, path)
+    return path
