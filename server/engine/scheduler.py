@@ -72,11 +72,13 @@ class Scheduler:
 
 def fill_fifo(waiting: Iterable[int], free: int) -> tuple[int, ...]:
     """Take lanes from the head of the queue until `free` slots are used (reads no further)."""
-    admit = []
+    admit: list[int] = []
+    if free <= 0:
+        return ()
     for lanes in waiting:
-        if free <= 0:
-            break
         take = min(lanes, free)
         admit.append(take)
         free -= take
+        if not free:
+            break
     return tuple(admit)

@@ -1,0 +1,321 @@
+"""Requests that end early, queues that fill, steps that fail, engines that shut down."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from server.engine import (
+    Done,
+    EngineClosed,
+    EngineConfig,
+    Failed,
+    Frame,
+    GenerationFailed,
+    GenerationSpec,
+    InvalidSpec,
+    Progress,
+    Queued,
+    QueueFull,
+    RequestState,
+    Started,
+)
+
+from .conftest import assert_images_match, run, running_engine, wait_until
+
+QUICK = GenerationSpec(n=1, steps=3, sampler="ddim", seed=0)
+
+
+async def failure_of(handle) -> Failed:
+    with pytest.raises(GenerationFailed) as raised:
+        await handle.result()
+    return raised.value.failure
+
+
+def test_events_arrive_in_order_and_end_with_done(tiny_ddpm):
+    async def body():
+        async with running_engine(tiny_ddpm) as engine:
+            handle = engine.submit(GenerationSpec(n=2, steps=6, sampler="ddim", seed=1, preview_every=2))
+            return [event async for event in handle.events()]
+
+    events = run(body())
+    assert isinstance(events[0], Queued) and events[0].position == 0
+    assert isinstance(events[1], Started)
+    assert isinstance(events[-1], Done) and len(events[-1].images) == 2
+    steps = [e.step for e in events if isinstance(e, Progress)]
+    assert steps == sorted(steps) and steps[-1] == 6
+    frames = {(f.index, f.kind) for f in events if isinstance(f, Frame)}
+    assert frames == {(i, kind) for i in range(2) for kind in ("x_t", "x0")}
+
+
+def test_cancelling_frees_the_lanes_at_the_next_step(controlled_ddpm):
+    async def body():
+        async with running_engine(controlled_ddpm, EngineConfig(max_batch=4)) as engine:
+            controlled_ddpm.unet.delay_s = 0.01
+            handle = engine.submit(GenerationSpec(n=4, seed=1))
+            await wait_until(lambda: engine.stats()["running_lanes"] == 4)
+            assert handle.cancel()
+            failure = await failure_of(handle)
+            stats = engine.stats()
+            assert engine.status(handle.id) is None and not engine.cancel(handle.id)
+            controlled_ddpm.unet.delay_s = 0
+            after = await engine.submit(QUICK).result()
+            return failure, stats, after
+
+    failure, stats, after = run(body())
+    assert failure.code == "cancelled"
+    assert (stats["running_lanes"], stats["running_requests"]) == (0, 0)
+    assert len(after.images) == 1
+
+
+def test_cancelling_a_queued_request_frees_its_queue_slots(controlled_ddpm):
+    async def body():
+        config = EngineConfig(max_batch=1, max_queue=4, max_images_per_request=4)
+        async with running_engine(controlled_ddpm, config) as engine:
+            controlled_ddpm.unet.gate.clear()
+            running = engine.submit(QUICK)
+            await wait_until(lambda: engine.stats()["running_lanes"] == 1)
+            queued = engine.submit(GenerationSpec(n=4, steps=3, sampler="ddim"))
+            assert engine.status(queued.id).queue_position == 0
+            with pytest.raises(QueueFull):
+                engine.submit(QUICK)
+            engine.cancel(queued.id)  # takes effect at the next step boundary
+            controlled_ddpm.unet.gate.set()
+            assert (await failure_of(queued)).code == "cancelled"
+            assert engine.stats()["queue_depth"] == 0
+            refill = engine.submit(GenerationSpec(n=4, steps=3, sampler="ddim"))
+            await running.result()
+            await refill.result()
+
+    run(body())
+
+
+def test_a_full_queue_rejects_at_once_with_a_retry_hint(controlled_ddpm):
+    async def body():
+        config = EngineConfig(max_batch=1, max_queue=2, max_images_per_request=2)
+        async with running_engine(controlled_ddpm, config) as engine:
+            controlled_ddpm.unet.gate.clear()
+            first = engine.submit(QUICK)
+            await wait_until(lambda: engine.stats()["running_lanes"] == 1)
+            waiting = engine.submit(GenerationSpec(n=2, steps=3, sampler="ddim"))
+            began = time.monotonic()
+            with pytest.raises(QueueFull) as raised:
+                engine.submit(QUICK)
+            elapsed = time.monotonic() - began
+            controlled_ddpm.unet.gate.set()
+            await first.result()
+            await waiting.result()
+            return raised.value, elapsed
+
+    rejection, elapsed = run(body())
+    assert elapsed < 0.1
+    assert rejection.retry_after_s >= 1
+
+
+def test_a_failing_step_fails_only_its_batch_and_the_engine_goes_on(controlled_ddpm, tiny_ddpm):
+    unet = controlled_ddpm.unet
+    failures = iter([RuntimeError("boom")])
+    unet.fault = lambda batch_size: next(failures, None)
+
+    async def body():
+        async with running_engine(controlled_ddpm, EngineConfig(max_batch=1)) as engine:
+            unet.gate.clear()
+            in_batch = engine.submit(QUICK)
+            waiting = engine.submit(GenerationSpec(n=1, steps=3, sampler="ddim", seed=1))
+            unet.gate.set()
+            failure = await failure_of(in_batch)
+            return failure, await waiting.result(), await engine.submit(QUICK).result()
+
+    failure, waited, after = run(body())
+    assert failure.code == "internal" and "boom" in failure.message
+    assert_images_match(waited, tiny_ddpm.sample(1, steps=3, sampler="ddim", seed=1))
+    assert len(after.images) == 1
+
+
+def test_out_of_memory_halves_the_batch_and_retries_before_failing_anyone(controlled_ddpm, tiny_ddpm):
+    unet = controlled_ddpm.unet
+    unet.fault = lambda batch_size: torch.OutOfMemoryError("fake OOM") if batch_size > 2 else None
+    spec = GenerationSpec(n=5, steps=4, seed=3)
+
+    async def body():
+        async with running_engine(controlled_ddpm, EngineConfig(max_batch=8)) as engine:
+            done = await engine.submit(spec).result()
+            return done, engine.stats()["batch_cap"]
+
+    done, batch_cap = run(body())
+    assert batch_cap == 2 and max(unet.batch_sizes) == 2
+    assert_images_match(done, tiny_ddpm.sample(5, steps=4, seed=3))
+
+
+def test_out_of_memory_at_batch_size_one_fails_with_its_own_code(controlled_ddpm):
+    controlled_ddpm.unet.fault = lambda batch_size: torch.OutOfMemoryError("fake OOM")
+
+    async def body():
+        async with running_engine(controlled_ddpm, EngineConfig(max_batch=2)) as engine:
+            return await failure_of(engine.submit(QUICK))
+
+    assert run(body()).code == "out_of_memory"
+
+
+def test_a_slow_preview_consumer_never_stalls_others(tiny_ddpm):
+    async def body():
+        config = EngineConfig(max_preview_fps=1000.0)
+        async with running_engine(tiny_ddpm, config) as engine:
+            ignored = engine.submit(GenerationSpec(n=2, steps=20, sampler="ddim", preview_every=1))
+            watched = engine.submit(GenerationSpec(n=1, steps=20, sampler="ddim", preview_every=1))
+            watched_events = [event async for event in watched.events()]
+            await ignored.result()
+            return [event async for event in ignored.events()], watched_events
+
+    ignored_events, watched_events = run(body())
+    assert isinstance(watched_events[-1], Done)
+    # The unread request kept only its latest frame per image and kind; its Done is intact.
+    frames = [e for e in ignored_events if isinstance(e, Frame)]
+    assert len(frames) <= 4 and len(ignored_events[-1].images) == 2
+
+
+def test_preview_frames_are_capped_per_second(tiny_ddpm):
+    async def body():
+        async with running_engine(tiny_ddpm, EngineConfig(max_preview_fps=0.001)) as engine:
+            handle = engine.submit(GenerationSpec(n=1, steps=10, sampler="ddim", preview_every=1,
+                                                  preview_kinds=("x0",)))
+            return [event async for event in handle.events()]
+
+    frames = [e for e in run(body()) if isinstance(e, Frame)]
+    assert [(f.step, f.kind) for f in frames] == [(1, "x0")]
+
+
+def test_a_request_past_its_deadline_fails_with_timeout(controlled_ddpm):
+    controlled_ddpm.unet.delay_s = 0.05
+
+    async def body():
+        async with running_engine(controlled_ddpm) as engine:
+            handle = engine.submit(GenerationSpec(n=1, seed=0, timeout_s=0.3))
+            failure = await failure_of(handle)
+            return failure, engine.stats()["running_lanes"]
+
+    failure, running_lanes = run(body())
+    assert failure.code == "timeout" and running_lanes == 0
+
+
+def test_shutdown_finishes_running_work_and_fails_what_had_not_started(controlled_ddpm):
+    async def body():
+        engine_config = EngineConfig(max_batch=1, policy="sequential")
+        async with running_engine(controlled_ddpm, engine_config) as engine:
+            controlled_ddpm.unet.delay_s = 0.01
+            running = engine.submit(GenerationSpec(n=1, steps=10, sampler="ddim"))
+            await wait_until(lambda: engine.stats()["running_lanes"] == 1)
+            queued = engine.submit(QUICK)
+            await engine.shutdown(grace_s=60)
+            assert not engine.ready
+            with pytest.raises(EngineClosed):
+                engine.submit(QUICK)
+            return await running.result(), await failure_of(queued)
+
+    done, failure = run(body())
+    assert len(done.images) == 1
+    assert failure.code == "shutdown"
+
+
+def test_shutdown_past_its_grace_fails_running_work_with_shutdown(controlled_ddpm):
+    controlled_ddpm.unet.delay_s = 0.05
+
+    async def body():
+        async with running_engine(controlled_ddpm) as engine:
+            handle = engine.submit(GenerationSpec(n=2, seed=0))
+            await wait_until(lambda: engine.stats()["running_lanes"] == 2)
+            began = time.monotonic()
+            await engine.shutdown(grace_s=0.2)
+            return await failure_of(handle), time.monotonic() - began
+
+    failure, elapsed = run(body())
+    assert failure.code == "shutdown"
+    assert elapsed < 5
+
+
+@pytest.mark.parametrize("spec, message", [
+    (GenerationSpec(n=0), "n must be"),
+    (GenerationSpec(n=65), "n must be"),
+    (GenerationSpec(steps=51), "steps must be"),
+    (GenerationSpec(steps=0), "steps must be"),
+    (GenerationSpec(sampler="euler"), "unknown sampler"),
+    (GenerationSpec(sampler="ddim", eta=-1.0), "eta must be"),
+    (GenerationSpec(eta=0.5), "ddim sampler only"),
+    (GenerationSpec(seed=-1), "seed must be"),
+    (GenerationSpec(preview_every=-1), "preview_every"),
+    (GenerationSpec(preview_kinds=("noise",)), "unknown preview kinds"),
+    (GenerationSpec(timeout_s=0), "timeout_s"),
+])
+def test_invalid_specs_are_refused_with_a_clear_message(tiny_ddpm, spec, message):
+    async def body():
+        async with running_engine(tiny_ddpm) as engine:
+            with pytest.raises(InvalidSpec, match=message):
+                engine.submit(spec)
+            return engine.stats()["queue_depth"]
+
+    assert run(body()) == 0
+
+
+def test_status_follows_a_request_and_forgets_it_when_done(controlled_ddpm):
+    async def body():
+        async with running_engine(controlled_ddpm, EngineConfig(max_batch=1)) as engine:
+            controlled_ddpm.unet.gate.clear()
+            first = engine.submit(GenerationSpec(n=1, steps=3, sampler="ddim", owner="alice"))
+            await wait_until(lambda: engine.stats()["running_lanes"] == 1)
+            second = engine.submit(QUICK)
+            statuses = engine.status(first.id), engine.status(second.id)
+            controlled_ddpm.unet.gate.set()
+            await first.result()
+            await second.result()
+            return statuses, engine.status(first.id)
+
+    (running, queued), forgotten = run(body())
+    assert (running.state, running.total, running.owner, running.queue_position) == (
+        RequestState.RUNNING, 3, "alice", None)
+    assert (queued.state, queued.queue_position, queued.step) == (RequestState.QUEUED, 0, 0)
+    assert forgotten is None
+
+
+def test_submit_before_start_is_refused(tiny_ddpm):
+    from server.engine import Engine
+
+    with pytest.raises(EngineClosed):
+        Engine(tiny_ddpm).submit(QUICK)
+
+
+def test_model_info_is_json_and_describes_the_model(tiny_ddpm):
+    from server.engine import Engine
+
+    info = Engine(tiny_ddpm, EngineConfig(max_batch=8)).model_info()
+    json.dumps(info)
+    assert info["image_shape"] == [1, 28, 28] and info["num_timesteps"] == 50
+    assert info["samplers"] == ["ddim", "ddpm"] and info["limits"]["max_batch"] == 8
+    assert info["num_parameters"] == tiny_ddpm.num_parameters()
+
+
+class RecordingObserver:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+
+def test_the_observer_hears_about_every_stage(tiny_ddpm):
+    observer = RecordingObserver()
+
+    async def body():
+        async with running_engine(tiny_ddpm, observer=observer) as engine:
+            await engine.submit(GenerationSpec(n=2, steps=4, sampler="ddim", preview_every=2)).result()
+            with pytest.raises(InvalidSpec):
+                engine.submit(GenerationSpec(n=0))
+
+    run(body())
+    names = [name for name, _ in observer.calls]
+    assert names[0] == "on_submit" and observer.calls[0][1] == (2,)
+    assert {"on_start", "on_step", "on_first_frame"} <= set(names)
+    assert ("on_finish", "succeeded") in [(name, args[0]) for name, args in observer.calls if name == "on_finish"]
+    assert ("on_reject", ("invalid",)) in observer.calls
+    batch_sizes = [args[0] for name, args in observer.calls if name == "on_step"]
+    assert batch_sizes == [2, 2, 2, 2]
