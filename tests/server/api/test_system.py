@@ -1,0 +1,116 @@
+"""Probes, metrics, the model description, the docs, the page; settings and the ddpm-serve command."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import cli
+from server.settings import PROJECT_ROOT, Settings
+
+
+def samples(client) -> dict[tuple[str, tuple], float]:
+    text = client.get("/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_metrics_count_engine_events_and_http_requests_by_route_template(client):
+    client.post("/generate", json={"n": 2, "steps": 3})
+    client.get("/jobs/unknown-id")
+    client.post("/generate", json={"n": 0})
+    metrics = samples(client)
+    assert metrics[("ddpm_images_submitted_total", ())] == 2
+    assert metrics[("ddpm_requests_finished_total", (("outcome", "succeeded"),))] == 1
+    assert metrics[("ddpm_batch_size_count", ())] == 3
+    assert metrics[("ddpm_step_seconds_count", ())] == 3
+    assert metrics[("ddpm_queue_wait_seconds_count", ())] == 1
+    http = "ddpm_http_requests_total"
+    assert metrics[(http, (("method", "POST"), ("route", "/generate"), ("status", "200")))] == 1
+    assert metrics[(http, (("method", "POST"), ("route", "/generate"), ("status", "422")))] == 1
+    assert metrics[(http, (("method", "GET"), ("route", "/jobs/{job_id}"), ("status", "404")))] == 1
+
+
+def test_metrics_count_rejections(served):
+    client, engine = served
+    engine.closing = True
+    client.post("/generate", json={"steps": 1})
+    assert samples(client)[("ddpm_requests_rejected_total", (("reason", "closed"),))] == 1
+
+
+def test_each_app_has_its_own_registry():
+    from tests.server.api.conftest import serve_fake
+
+    with serve_fake() as (first, _), serve_fake() as (second, _):
+        first.post("/generate", json={"steps": 1})
+        assert samples(first)[("ddpm_images_submitted_total", ())] == 1
+        assert samples(second)[("ddpm_images_submitted_total", ())] == 0
+
+
+def test_models_describes_the_served_model_and_limits(client):
+    body = client.get("/models").json()
+    assert body["num_timesteps"] == 50 and body["samplers"] == ["ddim", "ddpm"]
+    assert body["limits"]["max_images_per_request"] == 16 and body["limits"]["max_steps"] == 50
+    assert body["defaults"]["steps"] == 50 and body["auth_required"] is False
+
+
+def test_openapi_documents_every_route(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/generate", "/jobs", "/jobs/{job_id}", "/healthz", "/readyz", "/metrics", "/models"} <= set(paths)
+
+
+def test_index_page_is_served(client):
+    response = client.get("/")
+    assert response.headers["content-type"].startswith("text/html")
+    assert "/ws/generate" in response.text
+
+
+def test_settings_read_env_and_split_comma_lists(monkeypatch):
+    monkeypatch.setenv("DDPM_API_KEYS", " a1 , b2,,")
+    monkeypatch.setenv("DDPM_MAX_BATCH", "8")
+    settings = Settings()
+    assert settings.api_keys == ["a1", "b2"] and settings.max_batch == 8 and settings.auth_enabled
+
+
+def test_relative_weights_resolve_from_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Settings(weights="weights/x.safetensors").weights == PROJECT_ROOT / "weights" / "x.safetensors"
+    assert Settings().weights == PROJECT_ROOT / "weights" / "ddpm-mnist.safetensors"
+
+
+def test_flags_override_env(monkeypatch):
+    monkeypatch.setenv("DDPM_PORT", "9000")
+    monkeypatch.setenv("DDPM_MAX_QUEUE", "7")
+    settings = cli.settings_from(["--port", "9100", "--policy", "static"])
+    assert (settings.port, settings.max_queue, settings.policy) == (9100, 7, "static")
+
+
+@pytest.mark.parametrize(
+    "make_weights, message",
+    [
+        (lambda path: None, "weights not found"),
+        (lambda path: path.write_bytes(b"\x00" * 100), "cannot load weights"),
+        (lambda path: path.mkdir(), "cannot load weights"),
+    ],
+)
+def test_unloadable_weights_end_startup_with_one_line(tmp_path, capsys, make_weights, message):
+    path = tmp_path / "model.safetensors"
+    make_weights(path)
+    assert cli.main(["--weights", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm-serve: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_invalid_option_values_exit_2(capsys):
+    assert cli.main(["--max-batch", "0", "--weights", "x"]) == 2
+    assert "max_batch" in capsys.readouterr().err
