@@ -30,10 +30,10 @@ def dataset_path(name: str, data_path: str | os.PathLike | None = None) -> Path:
     return DEFAULT_DATA_DIR / DATASET_FILES[name]
 
 
-def load_mnist(path: Path, split: str) -> torch.Tensor:
+def load_mnist(path: Path, split: str, limit: int | None = None) -> torch.Tensor:
     try:
         with np.load(path) as data:
-            images = data[f"x_{split}"]
+            images = data[f"x_{split}"][:limit]
     except FileNotFoundError:
         raise DatasetError(f"MNIST not found at {path}; pass --data-path /path/to/mnist.npz") from None
     except (OSError, ValueError, KeyError) as exc:
@@ -41,11 +41,14 @@ def load_mnist(path: Path, split: str) -> torch.Tensor:
     return torch.from_numpy(images).unsqueeze(1)
 
 
-def load_cifar10(path: Path, split: str) -> torch.Tensor:
+def load_cifar10(path: Path, split: str, limit: int | None = None) -> torch.Tensor:
     images = []
     try:
         with tarfile.open(path) as tar:
             members = sorted((m for m in tar if m.isfile() and f"/{split}/" in m.name), key=lambda m: m.name)
+            if limit:
+                # The archive is sorted by class: spread a subset over it so every class appears.
+                members = members[:: max(len(members) // limit, 1)][:limit]
             for member in members:
                 raw = tar.extractfile(member).read()
                 images.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
@@ -58,10 +61,10 @@ def load_cifar10(path: Path, split: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def load_folder(path: Path, image_size: int, channels: int) -> torch.Tensor:
+def load_folder(path: Path, image_size: int, channels: int, limit: int | None = None) -> torch.Tensor:
     if not path.is_dir():
-        raise DatasetError(f"{path}: no such folder of images")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        raise DatasetError(f"{path}: no such folder of images (or pass 'mnist' / 'cifar10')")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise DatasetError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     mode = "L" if channels == 1 else "RGB"
@@ -85,15 +88,26 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
 
 
 def load_dataset(
-    data: str, split: str = "train", data_path: str | None = None, image_size: int = 32, channels: int = 3
+    data: str,
+    split: str = "train",
+    data_path: str | None = None,
+    image_size: int = 32,
+    channels: int = 3,
+    limit: int | None = None,
 ) -> torch.Tensor:
-    """uint8 images [N, C, H, W]. `data` is 'mnist', 'cifar10' or a folder path."""
+    """uint8 images [N, C, H, W]. `data` is 'mnist', 'cifar10' or a folder path (which has no splits).
+
+    `limit` keeps N images (the first N; for CIFAR-10, N spread over all classes)."""
+    if limit is not None and limit < 1:
+        raise DatasetError(f"--limit must be >= 1, got {limit}")
+    if split not in ("train", "test"):
+        raise DatasetError(f"unknown split {split!r}; expected 'train' or 'test'")
     if data == "mnist":
-        images = load_mnist(dataset_path(data, data_path), split)
+        images = load_mnist(dataset_path(data, data_path), split, limit)
     elif data == "cifar10":
-        images = load_cifar10(dataset_path(data, data_path), split)
+        images = load_cifar10(dataset_path(data, data_path), split, limit)
     else:
-        images = load_folder(Path(data), image_size, channels)
+        images = load_folder(Path(data), image_size, channels, limit)
     if images.shape[1] != channels or images.shape[-1] != image_size:
         raise DatasetError(
             f"{data}: images are {tuple(images.shape[1:])} but the model expects "

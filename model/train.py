@@ -2,10 +2,16 @@
 
     ddpm-train --preset mnist --data mnist --steps 20000 --out runs/mnist
 
-Adam, linear warmup, gradient clipping at 1.0, EMA of the weights, L_simple. Every random
-draw of step s (t, noise, dropout, flips) comes from a generator seeded by (seed, rank, s),
-and the data order from (seed, epoch), so --resume continues a run exactly. Multi-process
-training: `torchrun --nproc_per_node N -m model.train ...` (DDP; gloo on CPU, nccl on GPU).
+Adam, linear warmup, gradient clipping at 1.0, EMA of the weights, uniform t, L_simple.
+Every random draw of step s (t, noise, dropout, flips) comes from the global generator
+seeded by (seed, rank, s), and the data order from (seed, epoch), so --resume continues a
+run exactly: nothing but the step needs saving besides the model, EMA and optimizer.
+Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (a second one
+aborts at once). Multi-process training (DDP; gloo on CPU, nccl on GPU):
+
+    torchrun --nproc_per_node 2 -m model.train --preset cifar10 --data cifar10
+
+--batch-size is the global batch, split evenly across the processes.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,6 +43,10 @@ from .samplers import image_seed
 from .unet import UNet
 
 
+class TrainingError(ValueError):
+    """A run that cannot start or go on (bad options, diverged loss); the message says why."""
+
+
 @dataclass(frozen=True)
 class Recipe:
     lr: float
@@ -50,6 +61,7 @@ RECIPES = {
     "cifar10": Recipe(lr=2e-4, warmup=5000, batch_size=128, ema_decay=0.9999, flip=True),
     "lsun256": Recipe(lr=2e-5, warmup=5000, batch_size=64, ema_decay=0.9999, flip=True),
     # Short CPU runs: a larger lr and a shorter EMA horizon, or the EMA would still be mostly init.
+    # No flips for digits: a mirrored digit is not a digit.
     "mnist": Recipe(lr=1e-3, warmup=500, batch_size=64, ema_decay=0.999, flip=False),
     "tiny": Recipe(lr=1e-3, warmup=10, batch_size=16, ema_decay=0.99, flip=False),
 }
@@ -65,28 +77,28 @@ class TrainState:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ddpm-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="model config (default: mnist)")
+    p.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="model config and recipe (default: mnist)")
     p.add_argument("--data", default=None, help="'mnist', 'cifar10' or a folder of images (default: the preset's dataset)")
     p.add_argument("--data-path", default=None, help="file of the mnist/cifar10 dataset (default: ../shared/data)")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size (folder data)")
     p.add_argument("--out", default=None, help="run folder for checkpoints, samples and metrics (default: runs/PRESET)")
-    p.add_argument("--steps", type=int, default=20000, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (split across processes)")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--steps", type=int, default=20000, help="total optimizer steps (default: 20000)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size, split across processes")
+    p.add_argument("--lr", type=float, default=None, help="peak Adam learning rate")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warmup steps")
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0: off)")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl lines")
+    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--sample-every", type=int, default=2000, help="write a sample grid from the EMA weights (0: off)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the training grids (fast previews)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--resume", default=None, help="training checkpoint to continue from")
+    p.add_argument("--limit", type=int, default=None, help="use only N training images")
+    p.add_argument("--resume", default=None, help="training checkpoint to continue from (OUT/checkpoint.safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (GPU)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (loss and schedule stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p.parse_args(argv)
 
@@ -124,16 +136,19 @@ def learning_rate(recipe: Recipe, step: int) -> float:
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     # Early on, average over the steps seen so far rather than towards the random init.
     decay = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(seed, epoch)))
 
 
 def epoch_batch(num_images: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     """Indices of the global batch at `step`: a fresh permutation per epoch, a function of (seed, step) alone."""
     per_epoch = max(num_images // batch_size, 1)
     epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(seed, epoch)))
-    return order[offset * batch_size : (offset + 1) * batch_size]
+    return epoch_order(num_images, seed, epoch)[offset * batch_size : (offset + 1) * batch_size]
 
 
 def training_checkpoint(state: TrainState, config: ModelConfig, info: dict) -> dict:
@@ -170,32 +185,53 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step; the loop then saves."""
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; the loop then saves.
+
+    A second signal restores the previous handlers and re-raises, for a run that must die now."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.uninstall()
+            signal.raise_signal(signum)
         self.requested = True
 
 
+def world_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, images: torch.Tensor | None = None):
+        """`images`: uint8 [N, C, H, W] to train on; by default loaded as --data and --limit say."""
         self.args = args
         self.config, self.recipe, self.data_name = resolve_recipe(args)
-        self.rank, self.world = dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = world_info()
         self.device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
         self.out = Path(args.out or f"runs/{args.preset}")
         if self.recipe.batch_size % self.world:
-            raise SystemExit(f"ddpm-train: --batch-size {self.recipe.batch_size} not divisible by {self.world} processes")
+            raise TrainingError(f"--batch-size {self.recipe.batch_size} is not divisible by {self.world} processes")
         u = self.config.unet
-        self.images = load_dataset(self.data_name, "train", args.data_path, u.image_size, u.in_channels)
-        if args.limit:
-            self.images = self.images[: args.limit]
+        if images is None:
+            images = load_dataset(self.data_name, "train", args.data_path, u.image_size, u.in_channels, args.limit)
+        self.images = images
         self.diffusion = GaussianDiffusion(self.config.diffusion)
         self.state = self._build_state()
         self.stop = StopFlag()
@@ -228,7 +264,8 @@ class Trainer:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
-    def train_step(self, step: int) -> tuple[float, float]:
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step. Returns (loss, grad norm) as tensors: reading them waits for the device."""
         torch.manual_seed(image_seed(self.args.seed, (step + 1) * 1_000_003 + self.rank))
         state = self.state
         x0 = self.local_batch(step)
@@ -239,11 +276,18 @@ class Trainer:
             loss = self.diffusion.training_loss(state.model, x0)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.recipe.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), self.recipe.grad_clip or math.inf)
         state.optimizer.step()
         update_ema(state.ema, unwrap(state.model), self.recipe.ema_decay, step)
-        return loss.item(), grad_norm.item()
+        return loss.detach(), grad_norm
+
+    def stop_requested(self) -> bool:
+        """Every process stops after the same step, or DDP would wait forever for the ones that left."""
+        if self.world == 1:
+            return self.stop.requested
+        flag = torch.tensor([float(self.stop.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def save_checkpoint(self) -> Path:
         path = self.out / "checkpoint.safetensors"
@@ -254,46 +298,65 @@ class Trainer:
 
     def sample_grid(self) -> None:
         ddpm = DDPM(self.state.ema, self.config, {})
-        images = ddpm.sample(64, steps=self.args.sample_steps, sampler="ddim", seed=self.args.seed)
+        steps = min(self.args.sample_steps, ddpm.diffusion.num_timesteps)
+        images = ddpm.sample(64, steps=steps, sampler="ddim", seed=self.args.seed)
         save_grid(images, self.out / "samples" / f"step{self.state.step:07d}.png")
 
     def run(self) -> Path | None:
+        """Train up to --steps; returns the checkpoint path (rank 0) or None (other ranks)."""
         args, state, main = self.args, self.state, self.rank == 0
-        self.stop.install()
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps({"model": self.config.to_dict(), **self.info()}, indent=2))
-        log = (self.out / "metrics.jsonl").open("a") if main else None
-        bar = tqdm(total=args.steps, initial=state.step, disable=not main, dynamic_ncols=True, desc="train")
-        state.model.train()
-        started, window_start, window_steps = time.time(), time.time(), 0
-        while state.step < args.steps and not self.stop.requested:
-            loss, grad_norm = self.train_step(state.step)
-            if not math.isfinite(loss):
-                raise SystemExit(f"ddpm-train: loss became {loss} at step {state.step}; lower --lr or check the data")
-            state.step += 1
-            window_steps += 1
-            bar.update(1)
-            if main and (state.step % args.log_every == 0 or state.step == args.steps):
-                rate = window_steps / (time.time() - window_start)
-                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(self.recipe, state.step - 1),
-                          "steps_per_s": rate, "elapsed_s": time.time() - started}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}")
-                window_start, window_steps = time.time(), 0
-            if main and args.save_every and state.step % args.save_every == 0:
-                self.save_checkpoint()
-            if main and args.sample_every and state.step % args.sample_every == 0:
-                self.sample_grid()
-        bar.close()
-        if not main:
-            return None
-        path = self.save_checkpoint()
-        log.close()
+        log = (self.out / "metrics.jsonl").open("a") if main else contextlib.nullcontext()
+        bar = tqdm(total=args.steps, initial=state.step, disable=not main, dynamic_ncols=True, desc="train", unit="step")
+        self.stop.install()
+        try:
+            with log, bar:
+                self._loop(log, bar)
+            if not main:
+                return None
+            path = self.save_checkpoint()
+        finally:
+            self.stop.uninstall()
         reason = "stopped by signal" if self.stop.requested else "done"
         print(f"ddpm-train: {reason} at step {state.step}; checkpoint {path}, weights {self.out / 'model.safetensors'}")
         return path
+
+    def _loop(self, log, bar) -> None:
+        args, state, main = self.args, self.state, self.rank == 0
+        state.model.train()
+        started = window_start = time.time()
+        window_steps = 0
+        while state.step < args.steps and not self.stop_requested():
+            loss, grad_norm = self.train_step(state.step)
+            state.step += 1
+            window_steps += 1
+            bar.update(1)
+            log_now = state.step % args.log_every == 0 or state.step == args.steps
+            save_now = args.save_every and state.step % args.save_every == 0
+            if log_now or save_now:
+                # Checked only here: reading the loss every step would stall the GPU queue.
+                loss = check_finite(loss.item(), state.step)
+            if main and log_now:
+                rate = window_steps / (time.time() - window_start)
+                record = {"step": state.step, "loss": loss, "grad_norm": grad_norm.item(),
+                          "lr": learning_rate(self.recipe, state.step - 1), "steps_per_s": rate,
+                          "elapsed_s": time.time() - started}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss:.4f}")
+                window_start, window_steps = time.time(), 0
+            if main and save_now:
+                self.save_checkpoint()
+            if main and args.sample_every and state.step % args.sample_every == 0:
+                self.sample_grid()
+
+
+def check_finite(loss: float, step: int) -> float:
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss became {loss} at step {step}; lower --lr or check the data (last good checkpoint kept)")
+    return loss
 
 
 def init_distributed() -> None:
@@ -306,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed()
     try:
         Trainer(args).run()
-    except (DatasetError, CheckpointError) as exc:
+    except (DatasetError, CheckpointError, TrainingError) as exc:
         sys.exit(f"ddpm-train: {exc}")
     finally:
         if dist.is_initialized():

@@ -1,0 +1,178 @@
+"""ddpm-train end to end on the tiny preset: learning, exact resume, DDP, signals, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import model
+from model.checkpoint import read_checkpoint
+from model.train import Trainer, init_distributed, main, parse_args, unwrap
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_argv(out: Path, data_path: Path, steps: int, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--data", "mnist", "--data-path", str(data_path), "--out", str(out),
+            "--steps", str(steps), "--device", "cpu", "--sample-every", "0", *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_mnist(tmp_path, mnist_path):
+    main(train_argv(tmp_path, mnist_path, 40, "--limit", "512", "--log-every", "5", "--save-every", "0",
+                    "--sample-every", "40"))
+    losses = [r["loss"] for r in metrics(tmp_path)]
+    assert len(losses) == 8
+    # The zero-initialised output layer starts at loss ~1 (it predicts eps = 0).
+    assert losses[0] > 0.5
+    assert max(losses[-2:]) < 0.6 * losses[0], losses
+    assert (tmp_path / "samples" / "step0000040.png").is_file()
+    ddpm = model.load(tmp_path / "model.safetensors")
+    assert ddpm.info["step"] == 40 and ddpm.info["dataset"] == "mnist"
+    assert torch.isfinite(ddpm.sample(2, steps=5, sampler="ddim")).all()
+
+
+def test_resume_continues_exactly(tmp_path, synthetic_mnist):
+    # Dropout and flips on, so every kind of random draw has to be reproduced after the resume.
+    extra = ("--dropout", "0.1", "--flip", "--batch-size", "8", "--log-every", "1", "--save-every", "0")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    main(train_argv(straight, synthetic_mnist, 6, *extra))
+    main(train_argv(split, synthetic_mnist, 3, *extra))
+    main(train_argv(split, synthetic_mnist, 6, *extra, "--resume", str(split / "checkpoint.safetensors")))
+
+    expected, _, expected_meta = read_checkpoint(straight / "checkpoint.safetensors")
+    resumed, _, resumed_meta = read_checkpoint(split / "checkpoint.safetensors")
+    assert resumed_meta["info"]["step"] == expected_meta["info"]["step"] == 6
+    assert set(resumed) == set(expected)
+    assert any(k.startswith("optim.") for k in expected) and any(k.startswith("ema.") for k in expected)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert [r["loss"] for r in metrics(split)] == pytest.approx([r["loss"] for r in metrics(straight)], abs=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, argv: list[str], out: Path) -> None:
+    """What torchrun does for each process: set the env, then run the trainer."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed()
+    try:
+        trainer = Trainer(parse_args(argv))
+        trainer.run()
+        torch.save(unwrap(trainer.state.model).state_dict(), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_agree(tmp_path, synthetic_mnist):
+    argv = train_argv(tmp_path, synthetic_mnist, 3, "--batch-size", "8", "--log-every", "1", "--dropout", "0.1")
+    mp.spawn(ddp_worker, args=(2, free_port(), argv, tmp_path), nprocs=2, join=True)
+
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    saved, _, metadata = read_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert metadata["info"]["world_size"] == 2 and metadata["info"]["step"] == 3
+    initial = model.UNet(model.preset("tiny").unet).state_dict()
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0), "the weights did not move"
+    for key in rank0:
+        assert torch.equal(saved[f"model.{key}"], rank0[key]), key
+
+
+def run_cli(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "model.train", *argv], cwd=REPO, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigterm_saves_a_checkpoint_and_loses_no_step(tmp_path, synthetic_mnist):
+    proc = run_cli(*train_argv(tmp_path, synthetic_mnist, 100_000, "--log-every", "1", "--save-every", "0"))
+    log = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "fewer than 2 training steps in 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    _, _, metadata = read_checkpoint(tmp_path / "checkpoint.safetensors")
+    last_logged = metrics(tmp_path)[-1]["step"]
+    assert metadata["info"]["step"] == last_logged >= 2
+    assert model.load(tmp_path / "model.safetensors").info["step"] == last_logged
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    proc = run_cli(*train_argv(tmp_path, tmp_path / "nowhere" / "mnist.npz", 2))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    assert f"MNIST not found at {tmp_path / 'nowhere' / 'mnist.npz'}; pass --data-path" in stderr
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "inference", "other config"])
+def test_bad_resume_file_is_a_clear_error(tmp_path, synthetic_mnist, problem):
+    resume = tmp_path / "resume.safetensors"
+    expected = {
+        "missing": "no such weights file",
+        "garbage": "not a readable safetensors file",
+        "inference": "an inference file, not a training checkpoint",
+        "other config": "saved with a different model config",
+    }[problem]
+    if problem == "garbage":
+        resume.write_bytes(b"definitely not safetensors")
+    elif problem == "inference":
+        model.save(model.DDPM(model.UNet(model.preset("tiny").unet), model.preset("tiny")), resume)
+    elif problem == "other config":
+        main(train_argv(tmp_path / "first", synthetic_mnist, 1, "--dropout", "0.2"))
+        resume = tmp_path / "first" / "checkpoint.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_argv(tmp_path / "run", synthetic_mnist, 2, "--resume", str(resume)))
+    message = str(exit_info.value.code)
+    assert message.startswith("ddpm-train: ") and expected in message, message
+
+
+def test_batch_not_divisible_by_processes_is_a_clear_error(tmp_path, synthetic_mnist, monkeypatch):
+    monkeypatch.setattr("model.train.world_info", lambda: (0, 3))
+    with pytest.raises(SystemExit, match="--batch-size 16 is not divisible by 3 processes"):
+        main(train_argv(tmp_path, synthetic_mnist, 1))
+
+
+def test_folder_dataset_trains_and_is_servable(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("L", (40, 32), color=40 * i).save(folder / f"{i}.png")
+    main(["--preset", "tiny", "--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "2",
+          "--batch-size", "4", "--device", "cpu", "--sample-every", "0", "--log-every", "1"])
+    ddpm = model.load(tmp_path / "run" / "model.safetensors")
+    assert ddpm.info["dataset"] == str(folder) and ddpm.info["step"] == 2
