@@ -141,7 +141,7 @@ check(status == 200, f"/healthz answered {status}")
 status, _ = http("POST", "/generate", {"n": 1, "steps": 5}, headers={})
 check(status == 401, f"POST /generate without the API key answered {status}, not 401")
 
-status, body = http("POST", "/generate", {"n": 2, "steps": 20, "sampler": "ddim", "seed": 7})
+status, body = http("POST", "/generate", {"n": 2, "steps": 10, "sampler": "ddim", "seed": 7})
 check(status == 200, f"POST /generate answered {status}: {body[:300]!r}")
 images = json.loads(body)["data"]
 check(len(images) == 2, f"POST /generate returned {len(images)} images, not 2")
@@ -150,7 +150,7 @@ seeds = [image["seed"] for image in images]
 
 events = []
 with connect("ws://127.0.0.1:8000/ws/generate", additional_headers=AUTH, open_timeout=30) as socket:
-    socket.send(json.dumps({"n": 1, "steps": 10, "sampler": "ddim", "seed": 3, "preview_every": 5}))
+    socket.send(json.dumps({"n": 1, "steps": 6, "sampler": "ddim", "seed": 3, "preview_every": 3}))
     while not events or events[-1]["type"] not in ("done", "error"):
         events.append(json.loads(socket.recv(timeout=300)))
 kinds = [event["type"] for event in events]
@@ -177,7 +177,7 @@ done
 passed
 
 step "graceful stop"
-compose stop --timeout 30 server >&2
+compose stop --timeout 45 server >&2
 exit_code=$(docker inspect --format '{{.State.ExitCode}}' "$CONTAINER")
 [ "$exit_code" = 0 ] || { echo "the server exited with $exit_code on SIGTERM" >&2; exit 1; }
 passed
