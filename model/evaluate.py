@@ -1,0 +1,248 @@
+"""ddpm-eval: measure a trained DDPM (our .safetensors file, a training checkpoint's EMA
+weights, or a diffusers folder).
+
+    ddpm-eval nll     --weights W --data mnist --limit 100     # bits/dim, test split
+    ddpm-eval samples --weights W --sampler ddpm --steps 1000 -n 64 --out grid.png
+    ddpm-eval speed   --weights W --sampler ddim --steps 50 --batch-size 64
+    ddpm-eval fid     --weights W --inception inception-2015-12-05.pt --num-samples 10000
+
+Every command prints its figures; --json FILE also writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError
+from .data import DatasetError, load_dataset, save_grid, to_model_range, to_uint8
+from .fid import INCEPTION_URL, InceptionError, feature_statistics, frechet_distance, inception_features, load_inception
+from .pipeline import DDPM, draw_noise, load
+from .samplers import SAMPLERS, image_generator, image_seed
+
+DEFAULT_WEIGHTS = "weights/ddpm-mnist.safetensors"
+
+
+class EvalError(ValueError):
+    """Options that do not fit the model; the message says which."""
+
+
+# -- negative log-likelihood --------------------------------------------------------------
+def vlb_terms_all_t(ddpm: DDPM, x0: torch.Tensor, generators: list[torch.Generator], t_chunk: int) -> torch.Tensor:
+    """L_{t-1} in bits/dim for every t of the chain: [B, T] (column 0: the decoder -log p(x0|x1)).
+
+    Each U-Net call covers t_chunk timesteps of the whole batch. Image i draws the noise of
+    t = 0, 1, ... in order from generators[i], so the terms do not depend on the batch size
+    or the chunking."""
+    diffusion, num_images = ddpm.diffusion, x0.shape[0]
+    terms = []
+    for start in range(0, diffusion.num_timesteps, t_chunk):
+        t = torch.arange(start, min(start + t_chunk, diffusion.num_timesteps), device=x0.device)
+        noise = torch.stack([draw_noise(generators, x0.shape[1:], x0.device) for _ in t])  # [K, B, C, H, W]
+        # Rows t-major: (t0, image 0..B-1), (t1, image 0..B-1), ...
+        chunk = diffusion.vlb_terms(ddpm.unet, x0.repeat(len(t), 1, 1, 1), t.repeat_interleave(num_images),
+                                    noise.flatten(0, 1))
+        terms.append(chunk.view(len(t), num_images))
+    return torch.cat(terms).T
+
+
+@torch.inference_mode()
+def negative_log_likelihood(ddpm: DDPM, images: torch.Tensor, batch_size: int = 64, t_chunk: int = 4,
+                            seed: int = 0) -> dict:
+    """The variational bound on -log p(x) in bits/dim (Ho et al. 2020, eq. 5) over uint8 images [N, C, H, W]:
+    prior L_T + sum of KL terms L_1..L_{T-1} + discretized decoder L_0, averaged over images."""
+    ddpm.unet.eval()
+    prior, decoder, kl = [], [], []
+    with tqdm(total=len(images), desc="nll", unit="img", dynamic_ncols=True) as bar:
+        for start in range(0, len(images), batch_size):
+            x0 = to_model_range(images[start : start + batch_size]).to(ddpm.device)
+            generators = [image_generator(seed, start + i, ddpm.device) for i in range(x0.shape[0])]
+            terms = vlb_terms_all_t(ddpm, x0, generators, t_chunk)
+            prior.append(ddpm.diffusion.prior_bpd(x0))
+            decoder.append(terms[:, 0])
+            kl.append(terms[:, 1:].sum(dim=1))
+            bar.update(x0.shape[0])
+    prior, decoder, kl = torch.cat(prior).double(), torch.cat(decoder).double(), torch.cat(kl).double()
+    total = prior + decoder + kl
+    stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
+    return {"bits_per_dim": total.mean().item(), "stderr": stderr, "prior_L_T": prior.mean().item(),
+            "decoder_L_0": decoder.mean().item(), "kl_sum": kl.mean().item(), "num_images": len(total)}
+
+
+# -- samples, speed, FID ------------------------------------------------------------------
+def sample_images(ddpm: DDPM, n: int, batch_size: int, sampler: str, steps: int, eta: float, seed: int) -> torch.Tensor:
+    """n uint8 images, batch b drawn with its own seed derived from (seed, b)."""
+    batches = []
+    with tqdm(total=n, desc="sample", unit="img", dynamic_ncols=True) as bar:
+        for b, start in enumerate(range(0, n, batch_size)):
+            count = min(batch_size, n - start)
+            images = ddpm.sample(count, steps=steps, sampler=sampler, eta=eta, seed=image_seed(seed, b))
+            batches.append(to_uint8(images).cpu())
+            bar.update(count)
+    return torch.cat(batches)
+
+
+def sampling_speed(ddpm: DDPM, sampler: str, steps: int, batch_size: int, repeats: int, eta: float = 0.0) -> dict:
+    """Images per second of whole sampling runs (one warm-up call first, not timed)."""
+    def timed_run(run_steps: int, seed: int) -> float:
+        started = time.perf_counter()
+        ddpm.sample(batch_size, steps=run_steps, sampler=sampler, eta=eta, seed=seed)
+        if ddpm.device.type == "cuda":
+            torch.cuda.synchronize(ddpm.device)
+        return time.perf_counter() - started
+
+    timed_run(1, seed=0)
+    seconds = [timed_run(steps, seed=r) for r in range(repeats)]
+    median = statistics.median(seconds)
+    return {"sampler": sampler, "steps": steps, "batch_size": batch_size, "repeats": repeats,
+            "images_per_s": batch_size / median, "seconds_per_batch": median,
+            "ms_per_step": 1000 * median / steps, "device": str(ddpm.device)}
+
+
+def reference_statistics(args: argparse.Namespace, ddpm: DDPM, detector) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics of the reference images, read from / written to --ref-stats when given."""
+    cache = Path(args.ref_stats) if args.ref_stats else None
+    if cache and cache.is_file():
+        with np.load(cache) as stats:
+            return stats["mu"], stats["sigma"]
+    c, size, _ = ddpm.image_shape
+    images = load_dataset(dataset_name(args, ddpm), args.split, args.data_path, size, c, args.num_reference)
+    mu, sigma = feature_statistics(inception_features(detector, images, ddpm.device, args.inception_batch))
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, mu=mu, sigma=sigma)
+    return mu, sigma
+
+
+# -- commands -----------------------------------------------------------------------------
+def dataset_name(args: argparse.Namespace, ddpm: DDPM) -> str:
+    return args.data or ("mnist" if ddpm.image_shape[0] == 1 else "cifar10")
+
+
+def check_steps(ddpm: DDPM, steps: int | None) -> int:
+    num_timesteps = ddpm.diffusion.num_timesteps
+    steps = steps or num_timesteps
+    if not 1 <= steps <= num_timesteps:
+        raise EvalError(f"--steps must be between 1 and {num_timesteps} for this model, got {steps}")
+    return steps
+
+
+def run_nll(args: argparse.Namespace, ddpm: DDPM) -> dict:
+    c, size, _ = ddpm.image_shape
+    data = dataset_name(args, ddpm)
+    images = load_dataset(data, args.split, args.data_path, size, c, args.limit)
+    result = negative_log_likelihood(ddpm, images, args.batch_size, args.t_chunk, args.seed)
+    print(f"NLL {result['bits_per_dim']:.4f} +- {result['stderr']:.4f} bits/dim "
+          f"({data} {args.split}, {result['num_images']} images, T={ddpm.diffusion.num_timesteps})")
+    print(f"  prior L_T            {result['prior_L_T']:.5f}")
+    print(f"  decoder L_0          {result['decoder_L_0']:.5f}")
+    print(f"  sum of KL L_1..L_T-1 {result['kl_sum']:.5f}")
+    return {**result, "dataset": data, "split": args.split, "seed": args.seed}
+
+
+def run_samples(args: argparse.Namespace, ddpm: DDPM) -> dict:
+    steps = check_steps(ddpm, args.steps)
+    started = time.perf_counter()
+    images = ddpm.sample(args.num, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed)
+    seconds = time.perf_counter() - started
+    save_grid(images, args.out)
+    print(f"wrote {args.num} samples ({args.sampler}, {steps} steps, seed {args.seed}) to {args.out} in {seconds:.1f} s")
+    return {"path": str(args.out), "num": args.num, "sampler": args.sampler, "steps": steps, "eta": args.eta,
+            "seed": args.seed, "seconds": seconds}
+
+
+def run_speed(args: argparse.Namespace, ddpm: DDPM) -> dict:
+    steps = check_steps(ddpm, args.steps)
+    result = sampling_speed(ddpm, args.sampler, steps, args.batch_size, args.repeats, args.eta)
+    print(f"{result['images_per_s']:.2f} images/s ({args.sampler}, {steps} steps, batch {args.batch_size}, "
+          f"{result['ms_per_step']:.1f} ms per step, median of {args.repeats}, {result['device']})")
+    return result
+
+
+def run_fid(args: argparse.Namespace, ddpm: DDPM) -> dict:
+    steps = check_steps(ddpm, args.steps)
+    detector = load_inception(args.inception, ddpm.device)  # first: fail before any slow sampling
+    mu_ref, sigma_ref = reference_statistics(args, ddpm, detector)
+    samples = sample_images(ddpm, args.num_samples, args.batch_size, args.sampler, steps, args.eta, args.seed)
+    mu, sigma = feature_statistics(inception_features(detector, samples, ddpm.device, args.inception_batch))
+    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    reference = args.ref_stats or f"{dataset_name(args, ddpm)} {args.split}"
+    print(f"FID {fid:.3f} ({args.num_samples} samples, {args.sampler} {steps} steps, against {reference})")
+    return {"fid": fid, "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "eta": args.eta,
+            "seed": args.seed, "reference": reference}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--weights", default=DEFAULT_WEIGHTS, help=f"model file or diffusers folder (default: {DEFAULT_WEIGHTS})")
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data", default=None, help="'mnist', 'cifar10' or a folder of images (default: by channels)")
+    data.add_argument("--data-path", default=None, help="file of the mnist/cifar10 dataset (default: ../shared/data)")
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
+    sampling.add_argument("--steps", type=int, default=None, help="denoising steps (default: all T)")
+    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
+
+    p = argparse.ArgumentParser(prog="ddpm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    nll = commands.add_parser("nll", parents=[common, data], help="bits/dim by the full variational bound")
+    nll.add_argument("--split", default="test", choices=["train", "test"])
+    nll.add_argument("--limit", type=int, default=None, help="first N images (default: the whole split)")
+    nll.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    nll.add_argument("--t-chunk", type=int, default=4, help="timesteps per U-Net call (batch x chunk rows)")
+    samples = commands.add_parser("samples", parents=[common, sampling], help="a PNG grid of samples")
+    samples.add_argument("-n", "--num", type=int, default=64)
+    samples.add_argument("--out", default="samples.png", help="PNG path (default: samples.png)")
+    speed = commands.add_parser("speed", parents=[common, sampling], help="sampling speed in images/s")
+    speed.add_argument("--batch-size", type=int, default=64)
+    speed.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    fid = commands.add_parser(
+        "fid", parents=[common, data, sampling], help="FID of samples against a dataset (needs --inception)",
+        description=f"FID over Inception-v3 pool3 features. The network is not bundled: pass the TorchScript "
+                    f"file {INCEPTION_URL} as --inception (loaded with torch.jit.load).")
+    fid.add_argument("--inception", default=None, metavar="PATH", help="inception-2015-12-05.pt (TorchScript)")
+    fid.add_argument("--num-samples", type=int, default=10000, help="generated images (the paper: 50000)")
+    fid.add_argument("--num-reference", type=int, default=None, help="reference images (default: the whole split)")
+    fid.add_argument("--split", default="train", choices=["train", "test"], help="reference split (the paper: train)")
+    fid.add_argument("--ref-stats", default=None, metavar="NPZ", help="cache of the reference statistics: read if present, else written")
+    fid.add_argument("--batch-size", type=int, default=100, help="sampling batch")
+    fid.add_argument("--inception-batch", type=int, default=100)
+    return p.parse_args(argv)
+
+
+COMMANDS = {"nll": run_nll, "samples": run_samples, "speed": run_speed, "fid": run_fid}
+
+
+def evaluate(argv: list[str] | None = None) -> dict:
+    """Run one ddpm-eval command; returns its results (what --json writes)."""
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        ddpm = load(args.weights, device)
+        result = {"command": args.command, "weights": str(args.weights), **COMMANDS[args.command](args, ddpm)}
+    except (CheckpointError, DatasetError, InceptionError, EvalError) as exc:
+        sys.exit(f"ddpm-eval: {exc}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    evaluate(argv)
+
+
+if __name__ == "__main__":
+    main()
