@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(argv)
         ddpm = load_model(settings)
     except ValidationError as exc:
-        print(f"ddpm-serve: error: {describe_validation_errors(exc.errors())}", file=sys.stderr)
+        print(f"ddpm-serve: error: {describe_validation_errors(exc.errors(), whole='settings')}", file=sys.stderr)
         return 2
     except StartupError as exc:
         print(f"ddpm-serve: error: {exc}", file=sys.stderr)

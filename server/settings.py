@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         # unless it exists relative to the current directory.
         path = path.expanduser()
         return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
+
+    @model_validator(mode="after")
+    def largest_request_fits_the_queue(self) -> "Settings":
+        if self.max_queue < self.max_images_per_request:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= max_images_per_request "
+                             f"({self.max_images_per_request}), or the largest requests never fit")
+        return self
 
     @property
     def auth_enabled(self) -> bool:

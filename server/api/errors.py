@@ -53,12 +53,13 @@ def failure_for(exc: Exception) -> Failed:
     return Failed(request_id="", code=error.code, message=error.message)
 
 
-def describe_validation_errors(errors: list[dict]) -> str:
-    """'n: Input should be less than or equal to 16; seed: ...' naming each field as the client spelled it."""
+def describe_validation_errors(errors: list[dict], whole: str = "body") -> str:
+    """'n: Input should be less than or equal to 16; seed: ...' naming each field as the client spelled it
+    (`whole` names what an error about no field in particular is about)."""
     parts = []
     for error in errors:
         location = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path"))
-        parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
+        parts.append(f"{location or whole}: {error.get('msg', 'invalid')}")
     return "; ".join(parts)
 
 

@@ -111,6 +111,10 @@ def test_unloadable_weights_end_startup_with_one_line(tmp_path, capsys, make_wei
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_invalid_option_values_exit_2(capsys):
-    assert cli.main(["--max-batch", "0", "--weights", "x"]) == 2
-    assert "max_batch" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--max-batch", "0"], "max_batch"), (["--max-queue", "4", "--max-images-per-request", "8"], "max_queue")],
+)
+def test_invalid_option_values_exit_2(capsys, flags, message):
+    assert cli.main([*flags, "--weights", "x"]) == 2
+    assert message in capsys.readouterr().err
