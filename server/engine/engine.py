@@ -254,6 +254,7 @@ class Engine:
                 requests = list(self._requests.values())
             for request in requests:
                 self._end(request, "internal", f"the engine stopped: {exc!r}")
+            self._publisher.flush()
 
     def _iterate(self) -> bool:
         """One scheduling iteration; False when shut down and empty."""
@@ -262,7 +263,11 @@ class Engine:
         batch = self._admit()
         if batch:
             self._step(batch)
-            return True
+        self._publisher.flush()
+        return bool(batch) or self._wait_for_work()
+
+    def _wait_for_work(self) -> bool:
+        """Idle: False when shut down with nothing left, else waits for a submit or a tick."""
         with self._lock:
             if self._closing and not self._requests:
                 return False

@@ -1,8 +1,12 @@
 """Getting events out of the engine thread: PNG encoding in a small pool, delivery to the loop.
 
-The engine thread only hands over tensors and returns at once. Preview frames wait in a
-per-request slot where a newer frame of the same image and kind replaces an older one that
-has not been encoded yet, so a slow encoder never builds a backlog; final images always go.
+The engine thread only hands over tensors and returns at once. Its plain events collect in an
+outbox that goes to the loop in one call_soon_threadsafe per iteration (each call is a
+syscall that wakes the loop; one per event cost a few percent of a small model's step).
+Preview frames wait in a per-request slot where a newer frame of the same image and kind
+replaces an older one not yet encoded, so a slow encoder never builds a backlog; final
+images always go. Encode jobs are queued only after the outbox is flushed, so a request's
+events reach its channel in the order the engine sent them.
 """
 
 from __future__ import annotations
@@ -57,10 +61,20 @@ class Publisher:
         self._loop = loop
         self._pool = ThreadPoolExecutor(encoder_threads, thread_name_prefix="ddpm-png")
         self._pending: dict[str, PendingFrames] = {}
+        self._outbox: list[tuple[EventChannel, Event]] = []
 
     def send(self, channel: EventChannel, event: Event) -> None:
+        """Queues an event; it leaves with the next flush."""
+        self._outbox.append((channel, event))
+
+    def flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            self._deliver(outbox)
+
+    def _deliver(self, events: list[tuple[EventChannel, Event]]) -> None:
         try:
-            self._loop.call_soon_threadsafe(channel.put, event)
+            self._loop.call_soon_threadsafe(put_all, events)
         except RuntimeError:  # the loop is closed: nobody is left to tell
             pass
 
@@ -68,10 +82,12 @@ class Publisher:
         """frames: (image index, kind) -> (step, [C, H, W] tensor)."""
         pending = self._pending.setdefault(request.id, PendingFrames())
         if pending.add(frames):
+            self.flush()
             self._pool.submit(self._encode_frames, request, pending)
 
     def send_done(self, request: Request, timings: dict[str, float]) -> None:
         self._pending.pop(request.id, None)
+        self.flush()
         self._pool.submit(self._encode_done, request, timings)
 
     def forget(self, request: Request) -> None:
@@ -79,13 +95,16 @@ class Publisher:
 
     def close(self) -> None:
         """Waits for queued encodes, so every Done is delivered."""
+        self.flush()
         self._pool.shutdown(wait=True)
 
     def _encode_frames(self, request: Request, pending: PendingFrames) -> None:
-        total = request.total
-        for (index, kind), (step, image) in sorted(pending.take().items()):
-            frame = Frame(request.id, step, total, index, kind, to_png(image))
-            self.send(request.channel, frame)
+        channel, total = request.channel, request.total
+        frames = [
+            (channel, Frame(request.id, step, total, index, kind, to_png(image)))
+            for (index, kind), (step, image) in sorted(pending.take().items())
+        ]
+        self._deliver(frames)
 
     def _encode_done(self, request: Request, timings: dict[str, float]) -> None:
         try:
@@ -96,4 +115,9 @@ class Publisher:
             outcome: Event = Done(request.id, request.seed, images, timings)
         except Exception as exc:  # never leave an accepted request without its end
             outcome = Failed(request.id, "internal", f"encoding the images failed: {exc!r}")
-        self.send(request.channel, outcome)
+        self._deliver([(request.channel, outcome)])
+
+
+def put_all(events: list[tuple[EventChannel, Event]]) -> None:
+    for channel, event in events:
+        channel.put(event)
