@@ -176,3 +176,11 @@ def test_folder_dataset_trains_and_is_servable(tmp_path):
           "--batch-size", "4", "--device", "cpu", "--sample-every", "0", "--log-every", "1"])
     ddpm = model.load(tmp_path / "run" / "model.safetensors")
     assert ddpm.info["dataset"] == str(folder) and ddpm.info["step"] == 2
+
+
+def test_bf16_autocast_trains(tmp_path, synthetic_mnist):
+    main(train_argv(tmp_path, synthetic_mnist, 2, "--bf16", "--batch-size", "4", "--log-every", "1"))
+    losses = [r["loss"] for r in metrics(tmp_path)]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    weights = model.load(tmp_path / "model.safetensors").unet.state_dict()
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
