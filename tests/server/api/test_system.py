@@ -89,9 +89,9 @@ def test_relative_weights_resolve_from_the_project_root(tmp_path, monkeypatch):
 
 def test_flags_override_env(monkeypatch):
     monkeypatch.setenv("DDPM_PORT", "9000")
-    monkeypatch.setenv("DDPM_MAX_QUEUE", "7")
+    monkeypatch.setenv("DDPM_MAX_QUEUE", "70")
     settings = cli.settings_from(["--port", "9100", "--policy", "static"])
-    assert (settings.port, settings.max_queue, settings.policy) == (9100, 7, "static")
+    assert (settings.port, settings.max_queue, settings.policy) == (9100, 70, "static")
 
 
 @pytest.mark.parametrize(
