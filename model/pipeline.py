@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, load_state, read_checkpoint, strip_pref
 from .config import ModelConfig
 from .diffusers_import import is_diffusers_folder, read_diffusers_folder
 from .diffusion import GaussianDiffusion
+from .inference import prepare_for_inference
 from .samplers import denoise_step, image_generator, make_plan
 from .unet import UNet
 
@@ -56,7 +57,7 @@ class DDPM:
         if noise is not None:
             x = noise.to(device=device, dtype=x.dtype).reshape(x.shape)
         clip = torch.full((n,), plan.clip_x0)
-        self.unet.eval()
+        prepare_for_inference(self.unet, self.diffusion.num_timesteps)
         for t, coefs in zip(plan.timesteps.tolist(), plan.coefs):
             eps = self.unet(x, torch.full((n,), t, device=device, dtype=torch.long))
             z = draw_noise(generators, self.image_shape, device)
@@ -81,7 +82,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DDPM:
             tensors = strip_prefix(tensors, "ema.")
     unet = UNet(config.unet)
     load_state(unet, tensors, str(path))
-    return DDPM(unet.to(device).eval(), config, metadata.get("info", {}))
+    unet = prepare_for_inference(unet.to(device), config.diffusion.num_timesteps)
+    return DDPM(unet, config, metadata.get("info", {}))
 
 
 def save(ddpm: DDPM, path: str | os.PathLike) -> None:

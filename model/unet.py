@@ -3,11 +3,16 @@
 Module names mirror diffusers' UNet2DModel (conv_in, time_embedding, down_blocks, mid_block,
 up_blocks, conv_norm_out, conv_out), so a diffusers state dict loads with no renaming and
 our checkpoints read like theirs. forward(x[B,C,H,W], t[B]) takes one timestep per sample.
+
+Every ResnetBlock adds dense(swish(temb(t))), which depends on t and the weights only. The
+UNet computes these "time biases" for all blocks up front; model.inference precomputes them
+for every t (a [T, sum of block channels] table), so a sampling step looks them up instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -47,11 +52,15 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+    def forward(self, x: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
+        """time_bias: [B, out_ch], this block's time_emb_proj(swish(temb)) (see UNet.time_biases)."""
+        # In place where autograd allows it (neither GroupNorm nor conv backward reads its
+        # output): it saves an activation-sized allocation and a pass over memory per op.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h += time_bias[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+        h += x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h
 
 
 class AttentionBlock(nn.Module):
@@ -67,7 +76,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]
+        tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)  # [B, heads=1, HW, C]
+        # 4-D, so that PyTorch picks its fused (flash) kernel; 3-D inputs fall back to plain math.
         out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         out = self.to_out[0](out).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return x + out
@@ -106,9 +116,9 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.resample_with_conv)] if downsample else [])
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, time_biases: Iterator[torch.Tensor], skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
+            h = resnet(h, next(time_biases))
             if self.attentions:
                 h = self.attentions[i](h)
             skips.append(h)
@@ -131,9 +141,9 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample(out_ch, cfg.resample_with_conv)] if upsample else [])
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, time_biases: Iterator[torch.Tensor], skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+            h = resnet(torch.cat([h, skips.pop()], dim=1), next(time_biases))
             if self.attentions:
                 h = self.attentions[i](h)
         for up in self.upsamplers:
@@ -149,8 +159,9 @@ class MidBlock(nn.Module):
         )
         self.attentions = nn.ModuleList([AttentionBlock(ch, cfg.norm_groups, cfg.norm_eps)])
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.resnets[1](self.attentions[0](self.resnets[0](h, temb)), temb)
+    def forward(self, h: torch.Tensor, time_biases: Iterator[torch.Tensor]) -> torch.Tensor:
+        h = self.attentions[0](self.resnets[0](h, next(time_biases)))
+        return self.resnets[1](h, next(time_biases))
 
 
 class UNet(nn.Module):
@@ -190,6 +201,8 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, ch, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch, config.out_channels, 3, padding=1)
         self._init_weights()
+        # Set by model.inference.prepare_for_inference; never part of the state dict.
+        self.time_bias_table: TimeBiasTable | None = None
 
     def _init_weights(self) -> None:
         # As in the paper's code: near-zero output layers, so every block starts as the identity.
@@ -203,14 +216,62 @@ class UNet(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def resnet_blocks(self) -> list[ResnetBlock]:
+        """All ResnetBlocks in the order forward calls them (registration order is call order)."""
+        return [m for m in self.modules() if isinstance(m, ResnetBlock)]
+
+    def compute_time_biases(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """time_emb_proj(swish(temb(t))) [B, C_block] for every ResnetBlock, in call order."""
+        temb = F.silu(self.time_embedding(timestep_embedding(t, self.config.base_channels)))
+        return [block.time_emb_proj(temb) for block in self.resnet_blocks()]
+
+    def time_biases(self, t: torch.Tensor) -> list[torch.Tensor]:
+        # The table holds no gradient, so it serves only eval-mode calls that need none.
+        if self.time_bias_table is None or self.training or torch.is_grad_enabled():
+            return self.compute_time_biases(t)
+        return self.time_bias_table.lookup(self, t)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] in [-1, 1]; t: [B] integer timesteps in 0..T-1. Returns eps_hat [B, C, H, W]."""
-        temb = self.time_embedding(timestep_embedding(t, self.config.base_channels))
+        time_biases = iter(self.time_biases(t))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, temb, skips)
-        h = self.mid_block(h, temb)
+            h = block(h, time_biases, skips)
+        h = self.mid_block(h, time_biases)
         for block in self.up_blocks:
-            h = block(h, temb, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+            h = block(h, time_biases, skips)
+        # Contiguous whatever the layout inside (channels_last after prepare_for_inference).
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True)).contiguous()
+
+
+class TimeBiasTable:
+    """Every ResnetBlock's time bias for every t in 0..T-1, as one [T, sum C_block] tensor.
+
+    Built from the weights it was given; lookup rebuilds it if those weights were changed in
+    place or replaced since (an EMA update, load_state_dict), so it can never be stale.
+    """
+
+    def __init__(self, unet: UNet, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+        self.source_modules = [unet.time_embedding] + [block.time_emb_proj for block in unet.resnet_blocks()]
+        self.build(unet)
+
+    def weights_key(self) -> tuple[tuple[int, int], ...]:
+        # _version counts in-place writes; data_ptr changes when a tensor is replaced.
+        return tuple((p.data_ptr(), p._version) for m in self.source_modules for p in m.parameters())
+
+    @torch.no_grad()
+    def build(self, unet: UNet) -> None:
+        t = torch.arange(self.num_timesteps, device=unet.conv_in.weight.device)
+        biases = unet.compute_time_biases(t)
+        self.table = torch.cat(biases, dim=1)  # [T, sum C_block]
+        self.sizes = [b.shape[1] for b in biases]
+        self.key = self.weights_key()
+
+    def lookup(self, unet: UNet, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.weights_key() != self.key:
+            self.build(unet)
+        if ((t < 0) | (t >= self.num_timesteps)).any():
+            raise ValueError(f"timesteps must be in 0..{self.num_timesteps - 1}, got {t.tolist()}")
+        return list(self.table[t.to(self.table.device)].split(self.sizes, dim=1))
