@@ -75,6 +75,9 @@ def unet_config_from_diffusers(cfg: dict[str, Any], source: str) -> UNetConfig:
     def field(name: str) -> Any:
         return cfg.get(name, UNET2D_DEFAULTS[name])
 
+    kind = cfg.get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise CheckpointError(f"{source}: config.json describes a {kind}, not a UNet2DModel")
     for name, value in REQUIRED_UNET_FIELDS.items():
         if field(name) != value:
             absent = "" if name in cfg else " (absent, so UNet2DModel's default)"

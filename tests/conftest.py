@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
-import pytest
-import torch
+# Before torch loads OpenMP: on a busy CPU (a training run beside the tests, a shared CI
+# runner) threads spinning at every barrier made a tiny U-Net forward ~30x slower here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import model  # noqa: E402
 
 
 def randomize_weights_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
