@@ -49,7 +49,9 @@ class DDPM:
     ) -> torch.Tensor:
         """n images in [-1, 1], [n, C, H, W]. Image i draws all its noise from its own generator
         seeded by (seed, i), so it is the same whatever batch it is computed in."""
-        plan = make_plan(self.diffusion, sampler, steps or self.diffusion.num_timesteps, eta)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        plan = make_plan(self.diffusion, sampler, self.diffusion.num_timesteps if steps is None else steps, eta)
         seed = secrets.randbits(63) if seed is None else seed
         device = self.device
         generators = [image_generator(seed, i, device) for i in range(n)]

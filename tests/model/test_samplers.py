@@ -198,3 +198,16 @@ def test_image_seeds_are_stable_and_distinct():
 def test_bad_sampling_options_are_refused(sampler, steps, eta, message):
     with pytest.raises(ValueError, match=message):
         make_plan(model.GaussianDiffusion(model.DiffusionConfig()), sampler, steps, eta)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n=0), "n must be >= 1"),
+        (dict(n=1, steps=0), "steps must be between 1 and 50"),  # not "0 means all T steps"
+        (dict(n=1, steps=51), "steps must be between 1 and 50"),
+    ],
+)
+def test_bad_sample_requests_are_refused(tiny_ddpm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_ddpm.sample(**kwargs)
