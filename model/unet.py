@@ -29,6 +29,45 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def weights_key(params) -> tuple[tuple[int, int], ...]:
+    """Changes whenever a tensor is written in place (_version) or replaced (data_ptr)."""
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that, after prepack(), runs eval-mode CPU calls without autograd on a copy
+    of its weight in oneDNN's blocked layout. A plain conv reorders its weight on every call,
+    which costs about as much as the convolution itself at batch 1. The copy is remade when
+    the weight changes, so it is never stale, and training never sees it."""
+
+    prepacked = False
+    _packed: tuple[tuple, torch.Tensor] | None = None  # (weights_key, packed weight)
+
+    def prepack(self) -> None:
+        self.prepacked = True
+        self.packed_weight()
+
+    def packed_weight(self) -> torch.Tensor:
+        key = weights_key([self.weight])
+        if self._packed is None or self._packed[0] != key:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups
+            )
+            self._packed = (key, packed)
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.prepacked or self.training or torch.is_grad_enabled() or not x.is_cpu:
+            return super().forward(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.packed_weight(), self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        )
+
+    def __getstate__(self):
+        # oneDNN's opaque tensors cannot be copied or pickled; a copy repacks on first use.
+        return {**super().__getstate__(), "_packed": None}
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
@@ -45,12 +84,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
         """time_bias: [B, out_ch], this block's time_emb_proj(swish(temb)) (see UNet.time_biases)."""
@@ -86,7 +125,7 @@ class AttentionBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int, with_conv: bool):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if with_conv else None
+        self.conv = Conv2d(channels, channels, 3, stride=2) if with_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
@@ -98,7 +137,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int, with_conv: bool):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if with_conv else None
+        self.conv = Conv2d(channels, channels, 3, padding=1) if with_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -173,7 +212,7 @@ class UNet(nn.Module):
         chans = [ch * m for m in config.channel_mult]
         levels = len(chans)
 
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, ch, 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch, temb_dim)
 
         self.down_blocks = nn.ModuleList()
@@ -199,7 +238,7 @@ class UNet(nn.Module):
             res = res * 2 if level > 0 else res
 
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, ch, eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(ch, config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, config.out_channels, 3, padding=1)
         self._init_weights()
         # Set by model.inference.prepare_for_inference; never part of the state dict.
         self.time_bias_table: TimeBiasTable | None = None
@@ -258,8 +297,7 @@ class TimeBiasTable:
         self.build(unet)
 
     def weights_key(self) -> tuple[tuple[int, int], ...]:
-        # _version counts in-place writes; data_ptr changes when a tensor is replaced.
-        return tuple((p.data_ptr(), p._version) for m in self.source_modules for p in m.parameters())
+        return weights_key(p for m in self.source_modules for p in m.parameters())
 
     @torch.no_grad()
     def build(self, unet: UNet) -> None:

@@ -52,8 +52,9 @@ def test_state_dict_keys_and_values_unchanged(plain):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_table_follows_in_place_weight_updates(plain, batch):
-    """An EMA update (in place, in eval mode) must not leave the table behind."""
+def test_prepared_copies_follow_in_place_weight_updates(plain, batch):
+    """An EMA update (in place, in eval mode) must leave neither the time-bias table nor a
+    prepacked conv weight behind."""
     prepared = prepare_for_inference(copy.deepcopy(plain), T)
     eps(prepared, batch)
     target = copy.deepcopy(plain)
@@ -70,6 +71,13 @@ def test_table_follows_load_state_dict(plain, batch):
     fresh = model.UNet(CONFIG.unet).eval()
     prepared.load_state_dict(fresh.state_dict())
     assert torch.allclose(eps(prepared, batch), eps(fresh, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_unet_can_be_deep_copied(plain, batch):
+    prepared = prepare_for_inference(copy.deepcopy(plain), T)
+    eps(prepared, batch)
+    copied = copy.deepcopy(prepared)
+    assert torch.allclose(eps(copied, batch), eps(plain, batch), atol=1e-5, rtol=1e-5)
 
 
 def test_training_after_prepare_matches_plain_gradients(plain, batch):
