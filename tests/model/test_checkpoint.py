@@ -20,6 +20,11 @@ from model.checkpoint import FORMAT_VERSION, read_checkpoint, write_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 
 
+def contiguous_state(ddpm: model.DDPM) -> dict[str, torch.Tensor]:
+    """The weights as safetensors' save_file wants them (sampling makes the U-Net channels_last)."""
+    return {k: v.contiguous() for k, v in ddpm.unet.state_dict().items()}
+
+
 def our_metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
@@ -110,7 +115,7 @@ def test_empty_file(tmp_path):
 
 def test_safetensors_without_our_metadata(tmp_path, tiny_ddpm):
     path = tmp_path / "plain.safetensors"
-    save_file(tiny_ddpm.unet.state_dict(), path)
+    save_file(contiguous_state(tiny_ddpm), path)
     with pytest.raises(CheckpointError, match="not a ddpm-serve checkpoint"):
         model.load(path)
 
@@ -204,7 +209,7 @@ def test_a_diffusers_folder_with_corrupt_weights(tiny_diffusers_config, name):
 
 def test_a_diffusers_folder_whose_weights_do_not_fit(tiny_diffusers_config, tiny_ddpm):
     """Our tiny U-Net's weights match the config; drop the attention to break the fit."""
-    state = {k: v for k, v in tiny_ddpm.unet.state_dict().items() if ".attentions." not in k}
+    state = {k: v for k, v in contiguous_state(tiny_ddpm).items() if ".attentions." not in k}
     save_file(state, tiny_diffusers_config / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match="missing"):
         model.load(tiny_diffusers_config)

@@ -78,10 +78,12 @@ def assert_same_eps(ours: model.DDPM, reference: UNet2DModel, batch: int) -> Non
     t = torch.linspace(0, 999, batch).round().long()  # 0 and 999 included, all different
     with torch.no_grad():
         expected = reference(x, t).sample
-        got = ours.unet(x, t)
+        inference = ours.unet(x, t)  # model.load prepared it: precomputed per-t time biases
+    training = ours.unet(x, t).detach()  # autograd on: time biases computed from the weights
     assert expected.std() > 0.05, "random weights should give a non-trivial eps"
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= 1e-4
+    assert inference.shape == training.shape == expected.shape
+    assert (inference - expected).abs().max().item() <= 1e-4
+    assert (training - expected).abs().max().item() <= 1e-4
 
 
 def test_ddpm_cifar10_32_folder_is_the_paper_model(tmp_path, diffusers_unet):
