@@ -8,6 +8,7 @@ import torch
 
 from server.engine import (
     Done,
+    Engine,
     EngineClosed,
     EngineConfig,
     Failed,
@@ -278,15 +279,11 @@ def test_status_follows_a_request_and_forgets_it_when_done(controlled_ddpm):
 
 
 def test_submit_before_start_is_refused(tiny_ddpm):
-    from server.engine import Engine
-
     with pytest.raises(EngineClosed):
         Engine(tiny_ddpm).submit(QUICK)
 
 
 def test_model_info_is_json_and_describes_the_model(tiny_ddpm):
-    from server.engine import Engine
-
     info = Engine(tiny_ddpm, EngineConfig(max_batch=8)).model_info()
     json.dumps(info)
     assert info["image_shape"] == [1, 28, 28] and info["num_timesteps"] == 50
