@@ -97,16 +97,28 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(mean, logvar, zeros, zeros)) / math.log(2.0)
 
     @torch.no_grad()
-    def bits_per_dim(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None):
-        """The full bound L_T + sum_t L_{t-1} in bits/dim per sample, and the per-t terms [B, T]."""
+    def bits_per_dim(self, model: EpsModel, x0: torch.Tensor, generators: list[torch.Generator], t_chunk: int = 1):
+        """The full bound L_T + sum_t L_{t-1} in bits/dim per sample, and the per-t terms [B, T]
+        (column 0: the decoder L_0).
+
+        Each model call covers t_chunk timesteps of the whole batch. Image i draws the noise of
+        t = 0, 1, ... in order from generators[i], so the result does not depend on the batch
+        size or the chunking."""
+        num_images, num_timesteps = x0.shape[0], self.num_timesteps
         terms = []
-        for step in range(self.num_timesteps):
-            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            terms.append(self.vlb_terms(model, x0, t, noise))
-        terms = torch.stack(terms, dim=1)
+        for start in range(0, num_timesteps, t_chunk):
+            t = torch.arange(start, min(start + t_chunk, num_timesteps), device=x0.device)
+            noise = torch.stack([draw_noise(generators, x0.shape[1:], x0.device) for _ in t])  # [K, B, C, H, W]
+            # Rows t-major: (t0, image 0..B-1), (t1, image 0..B-1), ...
+            chunk = self.vlb_terms(model, x0.repeat(len(t), 1, 1, 1), t.repeat_interleave(num_images), noise.flatten(0, 1))
+            terms.append(chunk.view(len(t), num_images))
+        terms = torch.cat(terms).T
         return terms.sum(dim=1) + self.prior_bpd(x0), terms
 
+
+def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    """One standard normal draw of `shape` per generator: [len(generators), *shape]."""
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.dim())))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .data import DatasetError, load_dataset, save_grid, to_model_range, to_uint8
 from .fid import INCEPTION_URL, InceptionError, feature_statistics, frechet_distance, inception_features, load_inception
-from .pipeline import DDPM, draw_noise, load
+from .pipeline import DDPM, load
 from .samplers import SAMPLERS, image_generator, image_seed
 
 DEFAULT_WEIGHTS = "weights/ddpm-mnist.safetensors"
@@ -37,24 +37,6 @@ class EvalError(ValueError):
 
 
 # -- negative log-likelihood --------------------------------------------------------------
-def vlb_terms_all_t(ddpm: DDPM, x0: torch.Tensor, generators: list[torch.Generator], t_chunk: int) -> torch.Tensor:
-    """L_{t-1} in bits/dim for every t of the chain: [B, T] (column 0: the decoder -log p(x0|x1)).
-
-    Each U-Net call covers t_chunk timesteps of the whole batch. Image i draws the noise of
-    t = 0, 1, ... in order from generators[i], so the terms do not depend on the batch size
-    or the chunking."""
-    diffusion, num_images = ddpm.diffusion, x0.shape[0]
-    terms = []
-    for start in range(0, diffusion.num_timesteps, t_chunk):
-        t = torch.arange(start, min(start + t_chunk, diffusion.num_timesteps), device=x0.device)
-        noise = torch.stack([draw_noise(generators, x0.shape[1:], x0.device) for _ in t])  # [K, B, C, H, W]
-        # Rows t-major: (t0, image 0..B-1), (t1, image 0..B-1), ...
-        chunk = diffusion.vlb_terms(ddpm.unet, x0.repeat(len(t), 1, 1, 1), t.repeat_interleave(num_images),
-                                    noise.flatten(0, 1))
-        terms.append(chunk.view(len(t), num_images))
-    return torch.cat(terms).T
-
-
 @torch.inference_mode()
 def negative_log_likelihood(ddpm: DDPM, images: torch.Tensor, batch_size: int = 64, t_chunk: int = 4,
                             seed: int = 0) -> dict:
@@ -66,7 +48,7 @@ def negative_log_likelihood(ddpm: DDPM, images: torch.Tensor, batch_size: int = 
         for start in range(0, len(images), batch_size):
             x0 = to_model_range(images[start : start + batch_size]).to(ddpm.device)
             generators = [image_generator(seed, start + i, ddpm.device) for i in range(x0.shape[0])]
-            terms = vlb_terms_all_t(ddpm, x0, generators, t_chunk)
+            _, terms = ddpm.diffusion.bits_per_dim(ddpm.unet, x0, generators, t_chunk)
             prior.append(ddpm.diffusion.prior_bpd(x0))
             decoder.append(terms[:, 0])
             kl.append(terms[:, 1:].sum(dim=1))

@@ -12,7 +12,7 @@ import torch
 from .checkpoint import CheckpointError, load_state, read_checkpoint, strip_prefix, write_checkpoint
 from .config import ModelConfig
 from .diffusers_import import is_diffusers_folder, read_diffusers_folder
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, draw_noise
 from .inference import prepare_for_inference
 from .samplers import denoise_step, image_generator, make_plan
 from .unet import UNet
@@ -57,7 +57,9 @@ class DDPM:
         generators = [image_generator(seed, i, device) for i in range(n)]
         x = draw_noise(generators, self.image_shape, device)
         if noise is not None:
-            x = noise.to(device=device, dtype=x.dtype).reshape(x.shape)
+            if tuple(noise.shape) != tuple(x.shape):
+                raise ValueError(f"noise must have shape {tuple(x.shape)} (n, C, H, W), got {tuple(noise.shape)}")
+            x = noise.to(device=device, dtype=x.dtype)
         clip = torch.full((n,), plan.clip_x0)
         prepare_for_inference(self.unet, self.diffusion.num_timesteps)
         for t, coefs in zip(plan.timesteps.tolist(), plan.coefs):
@@ -65,10 +67,6 @@ class DDPM:
             z = draw_noise(generators, self.image_shape, device)
             x, _ = denoise_step(x, eps, coefs.expand(n, -1), clip, z)
         return x.clamp(-1.0, 1.0)
-
-
-def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DDPM:

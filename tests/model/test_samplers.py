@@ -211,3 +211,8 @@ def test_bad_sampling_options_are_refused(sampler, steps, eta, message):
 def test_bad_sample_requests_are_refused(tiny_ddpm, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_ddpm.sample(**kwargs)
+
+
+def test_sample_rejects_noise_of_the_wrong_shape(tiny_ddpm):
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 1, 28, 28\)"):
+        tiny_ddpm.sample(2, steps=2, noise=torch.zeros(1, 1, 28, 28))
