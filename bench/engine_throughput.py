@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +60,25 @@ def bare_loop(ddpm: model.DDPM, batch: int, calls: int) -> Timing:
     return Timing.since(wall_began, cpu_began)
 
 
-async def engine_run(ddpm: model.DDPM, batch: int, rounds: int, steps: int) -> Timing:
+def in_own_thread(threads: int, fn, *args):
+    """fn(*args) in a fresh thread with `threads` torch threads: where the engine runs its steps,
+    so both sides get the same OpenMP set-up (see server.app.reserve_cores_for_engine)."""
+    result = []
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        result.append(fn(*args))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+async def engine_run(ddpm: model.DDPM, batch: int, rounds: int, steps: int, threads: int) -> Timing:
     """Time for the engine to serve rounds x batch one-image requests submitted at once."""
     images = batch * rounds
-    engine = Engine(ddpm, EngineConfig(max_batch=batch, max_queue=max(images, 64)))
+    engine = Engine(ddpm, EngineConfig(max_batch=batch, max_queue=max(images, 64), torch_threads=threads))
     await engine.start()
     try:
         # The first call at a batch size sets up its kernels, as the bare loop's warm-up does.
@@ -76,12 +92,12 @@ async def engine_run(ddpm: model.DDPM, batch: int, rounds: int, steps: int) -> T
         await engine.shutdown()
 
 
-def measure(ddpm: model.DDPM, batch: int, rounds: int, steps: int, repeats: int) -> dict[str, float]:
+def measure(ddpm: model.DDPM, batch: int, rounds: int, steps: int, repeats: int, threads: int) -> dict[str, float]:
     """Best-of-repeats images/s, by wall clock and by CPU time, for the bare loop and the engine."""
     bare, served = [], []
     for _ in range(repeats):
-        bare.append(bare_loop(ddpm, batch, rounds * steps))
-        served.append(asyncio.run(engine_run(ddpm, batch, rounds, steps)))
+        bare.append(in_own_thread(threads, bare_loop, ddpm, batch, rounds * steps))
+        served.append(asyncio.run(engine_run(ddpm, batch, rounds, steps, threads)))
     images = batch * rounds
     return {
         "bare_wall": images / min(t.wall_s for t in bare),
@@ -101,10 +117,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # as ddpm-serve does: only the stepping thread runs an OpenMP team
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu", flush=True)
+    print(f"torch {torch.__version__}, {threads} threads, device cpu", flush=True)
     print("images/s by wall clock | by CPU time; ratio = engine / bare; ms/step = engine CPU ms per U-Net call")
     print(f"{'model':8} {'batch':>5} {'steps':>5} | {'bare':>8} {'engine':>8} {'ratio':>6} | "
           f"{'bare':>8} {'engine':>8} {'ratio':>6} {'ms/step':>8}")
@@ -112,7 +128,7 @@ def main() -> None:
         ddpm = load_model(name)
         steps = args.steps if name == "mnist" else args.cifar_steps
         for batch in args.batches:
-            f = measure(ddpm, batch, args.rounds, steps, args.repeats)
+            f = measure(ddpm, batch, args.rounds, steps, args.repeats, threads)
             step_ms = 1000 * batch / (f["engine_cpu"] * steps)
             print(f"{name:8} {batch:5d} {steps:5d} | {f['bare_wall']:8.2f} {f['engine_wall']:8.2f} "
                   f"{f['engine_wall'] / f['bare_wall']:6.3f} | {f['bare_cpu']:8.2f} {f['engine_cpu']:8.2f} "

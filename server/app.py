@@ -46,12 +46,29 @@ def load_model(settings: Settings) -> model.DDPM:
         raise StartupError(f"cannot load weights {path}: {reason}") from exc
 
 
-def real_engine_factory(ddpm: model.DDPM | None = None) -> EngineFactory:
+def reserve_cores_for_engine(settings: Settings) -> int:
+    """The engine thread's torch thread count; from now on every other thread uses one.
+
+    Call it before any torch work. GNU OpenMP stops spin-waiting once a process has more
+    OpenMP threads than cores, so a second thread team (say, the main thread's, made while
+    loading the weights) made the engine thread's small U-Net calls run serially: 13.6 ms
+    instead of 7.4 ms per batch-1 call of the shipped model on 2 cores."""
+    import torch
+
+    threads = settings.torch_threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def real_engine_factory(ddpm: model.DDPM | None = None, torch_threads: int | None = None) -> EngineFactory:
     """Build the real engine around `ddpm`, or around the weights the settings name."""
 
     def build(settings: Settings, observer: PrometheusObserver) -> Any:
         from server.engine import Engine, EngineConfig
 
+        threads = torch_threads
+        if ddpm is None:
+            threads = reserve_cores_for_engine(settings)
         config = EngineConfig(
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
@@ -60,6 +77,7 @@ def real_engine_factory(ddpm: model.DDPM | None = None) -> EngineFactory:
             max_preview_fps=settings.max_preview_fps,
             shutdown_grace_s=settings.shutdown_grace_s,
             max_images_per_request=settings.max_images_per_request,
+            torch_threads=threads,
         )
         return Engine(ddpm or load_model(settings), config, observer)
 

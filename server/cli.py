@@ -15,7 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from server.api.errors import describe_validation_errors
-from server.app import StartupError, create_app, load_model, real_engine_factory
+from server.app import StartupError, create_app, load_model, real_engine_factory, reserve_cores_for_engine
 from server.settings import Settings
 
 
@@ -41,6 +41,7 @@ def settings_from(argv: list[str] | None) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(argv)
+        torch_threads = reserve_cores_for_engine(settings)
         ddpm = load_model(settings)
     except ValidationError as exc:
         print(f"ddpm-serve: error: {describe_validation_errors(exc.errors(), whole='settings')}", file=sys.stderr)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"ddpm-serve: error: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, engine_factory=real_engine_factory(ddpm))
+    app = create_app(settings, engine_factory=real_engine_factory(ddpm, torch_threads))
     uvicorn.run(
         app,
         host=settings.host,

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(3600.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
     max_preview_fps: float = Field(10.0, gt=0)
+    torch_threads: int = Field(0, ge=0, description="torch threads of the engine (0: torch's default, all cores)")
 
     # The API
     default_preview_every: int = Field(0, ge=0, description="WebSocket preview cadence when a request gives none")

@@ -19,6 +19,7 @@ class EngineConfig:
     max_images_per_request: int = 64
     progress_interval_s: float = 0.1  # at most one Progress event per request per interval
     encoder_threads: int = 2  # PNG encoding pool
+    torch_threads: int | None = None  # intra-op threads of the engine thread (None: torch's count at construction)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -63,6 +63,7 @@ class Engine:
         self.config = config
         self.observer = observer or NullObserver()
         self._runner = Runner(ddpm)
+        self._torch_threads = config.torch_threads or torch.get_num_threads()
         self._scheduler = Scheduler(config.policy, config.max_batch)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: Publisher | None = None
@@ -243,6 +244,10 @@ class Engine:
     # ---- the engine thread ----
 
     def _run(self) -> None:
+        # torch's thread count is per thread under OpenMP: a new thread must set its own.
+        # For the full count to pay, no other thread of the process should have run an
+        # OpenMP team (see server.app.reserve_cores_for_engine).
+        torch.set_num_threads(self._torch_threads)
         try:
             with torch.inference_mode():
                 while self._iterate():

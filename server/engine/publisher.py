@@ -59,7 +59,10 @@ class PendingFrames:
 class Publisher:
     def __init__(self, loop: asyncio.AbstractEventLoop, encoder_threads: int):
         self._loop = loop
-        self._pool = ThreadPoolExecutor(encoder_threads, thread_name_prefix="ddpm-png")
+        # One torch thread each: only the engine thread may start an OpenMP team (see Engine._run).
+        self._pool = ThreadPoolExecutor(
+            encoder_threads, thread_name_prefix="ddpm-png", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self._pending: dict[str, PendingFrames] = {}
         self._outbox: list[tuple[EventChannel, Event]] = []
 

@@ -1,5 +1,6 @@
 """Requests that end early, queues that fill, steps that fail, engines that shut down."""
 
+import asyncio
 import json
 import time
 
@@ -16,6 +17,7 @@ from server.engine import (
     GenerationFailed,
     GenerationSpec,
     InvalidSpec,
+    NullObserver,
     Progress,
     Queued,
     QueueFull,
@@ -316,3 +318,23 @@ def test_the_observer_hears_about_every_stage(tiny_ddpm):
     assert ("on_reject", ("invalid",)) in observer.calls
     batch_sizes = [args[0] for name, args in observer.calls if name == "on_step"]
     assert batch_sizes == [2, 2, 2, 2]
+
+
+def test_the_engine_thread_runs_torch_with_its_own_thread_count(tiny_ddpm):
+    """Other threads keep one torch thread; the engine thread sets the count it was given."""
+    seen = []
+
+    class Recorder(NullObserver):
+        def on_step(self, batch_size, step_s, running_lanes, queue_depth):
+            seen.append(torch.get_num_threads())
+
+    async def run():
+        engine = Engine(tiny_ddpm, EngineConfig(torch_threads=3), Recorder())
+        await engine.start()
+        await engine.submit(GenerationSpec(n=1, steps=2, sampler="ddim", seed=0)).result()
+        await engine.shutdown()
+
+    before = torch.get_num_threads()
+    asyncio.run(run())
+    assert seen and set(seen) == {3}
+    assert torch.get_num_threads() == before
