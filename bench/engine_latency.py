@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from bench.engine_throughput import bare_loop, load_model
+from bench.engine_throughput import bare_loop, in_own_thread, load_model
 from server.engine import POLICIES, Engine, EngineConfig, GenerationSpec
 
 Arrival = tuple[float, GenerationSpec]  # (seconds after the start, request)
@@ -95,19 +95,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # as ddpm-serve does: only the stepping thread runs an OpenMP team
 
     ddpm = load_model(args.model)
     calls = 20
-    step_s = bare_loop(ddpm, args.max_batch, calls).wall_s / calls
+    step_s = in_own_thread(threads, bare_loop, ddpm, args.max_batch, calls).wall_s / calls
     mean_steps = (args.ddpm_steps + args.ddim_steps) / 2
     saturation = args.max_batch / (mean_steps * step_s)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}, max_batch {args.max_batch}: "
+    print(f"torch {torch.__version__}, {threads} threads; {args.model}, max_batch {args.max_batch}: "
           f"{1000 * step_s:.1f} ms per U-Net call, saturation {saturation:.2f} requests/s "
           f"(ddpm {args.ddpm_steps} / ddim {args.ddim_steps} steps, 50/50)")
     print(f"{'load':>5} {'policy':11} {'req/s':>7} {'p50 s':>8} {'p99 s':>8} {'batch':>6}")
-    config = EngineConfig(max_batch=args.max_batch, max_queue=max(args.requests, 64))
+    config = EngineConfig(max_batch=args.max_batch, max_queue=max(args.requests, 64), torch_threads=threads)
     for load in args.loads:
         arrivals = poisson_arrivals(args.requests, load * saturation, args.ddpm_steps, args.ddim_steps, args.seed)
         for policy in args.policies:
