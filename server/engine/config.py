@@ -13,7 +13,6 @@ class EngineConfig:
     max_queue: int = 256  # waiting images (not requests) before submit raises QueueFull
     policy: Policy = "continuous"
     default_timeout_s: float = 3600.0  # deadline from submission when a spec gives none
-    default_preview_every: int = 50  # for callers that want the engine's default preview interval
     max_preview_fps: float = 10.0  # frames per second, per request
     shutdown_grace_s: float = 30.0
     max_images_per_request: int = 64
@@ -29,7 +28,7 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("default_preview_every", "shutdown_grace_s", "progress_interval_s"):
+        for name in ("shutdown_grace_s", "progress_interval_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_queue < self.max_images_per_request:

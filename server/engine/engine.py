@@ -180,8 +180,7 @@ class Engine:
             "info": ddpm.info,
             "device": str(self._runner.device),
             "samplers": sorted(SAMPLERS),
-            "defaults": {"sampler": "ddpm", "steps": num_timesteps, "eta": 0.0,
-                         "preview_every": self.config.default_preview_every},
+            "defaults": {"sampler": "ddpm", "steps": num_timesteps, "eta": 0.0, "preview_every": 0},
             "limits": {
                 "max_batch": self.config.max_batch,
                 "max_images_per_request": self.config.max_images_per_request,
