@@ -34,38 +34,68 @@ def weights_key(params) -> tuple[tuple[int, int], ...]:
     return tuple((p.data_ptr(), p._version) for p in params)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that, after prepack(), runs eval-mode CPU calls without autograd on a copy
-    of its weight in oneDNN's blocked layout. A plain conv reorders its weight on every call,
-    which costs about as much as the convolution itself at batch 1. The copy is remade when
-    the weight changes, so it is never stale, and training never sees it."""
+class PackedConv:
+    """A convolution run by oneDNN on a copy of its weight in oneDNN's blocked layout, for
+    eval-mode CPU calls without autograd (see serves). A plain CPU conv reorders its weight on
+    every call, which costs about as much as the convolution itself at batch 1.
 
-    prepacked = False
-    _packed: tuple[tuple, torch.Tensor] | None = None  # (weights_key, packed weight)
+    The weight comes from `layers`: one Conv2d, or Linear layers stacked into one 1x1 conv
+    (on channels_last activations a 1x1 conv is the same matrix product, and oneDNN's runs
+    about 1.3x MKL's on an AVX-512 CPU). The copy is remade whenever one of their tensors
+    changes (an EMA update, load_state_dict), so it is never stale, and training never sees it.
+    """
 
-    def prepack(self) -> None:
-        self.prepacked = True
-        self.packed_weight()
+    def __init__(self, layers: list[nn.Conv2d | nn.Linear]):
+        self.layers = layers
+        conv = layers[0]
+        if isinstance(conv, nn.Conv2d):  # (padding, stride, dilation, groups)
+            self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        else:
+            self.geometry = ([0, 0], [1, 1], [1, 1], 1)
+        self._packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, weight, bias)
 
-    def packed_weight(self) -> torch.Tensor:
-        key = weights_key([self.weight])
+    def serves(self, x: torch.Tensor) -> bool:
+        return x.is_cpu and not self.layers[0].training and not torch.is_grad_enabled()
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = [layer.weight for layer in self.layers]
+        biases = [layer.bias for layer in self.layers]
+        key = weights_key(weights + biases)
         if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups
-            )
-            self._packed = (key, packed)
-        return self._packed[1]
+            with torch.no_grad():
+                weight = torch.cat([w.view(*w.shape, 1, 1) if w.dim() == 2 else w for w in weights])
+                packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry)
+                self._packed = (key, packed, torch.cat(biases))
+        return self._packed[1], self._packed[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.prepacked or self.training or torch.is_grad_enabled() or not x.is_cpu:
-            return super().forward(x)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.packed_weight(), self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x), plus `add` (the output's shape, or [B, C_out, 1, 1]) inside the same pass."""
+        weight, bias = self.packed()
+        if add is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *self.geometry, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, add, weight, bias, *self.geometry, "add", None, None, [], None
         )
 
     def __getstate__(self):
         # oneDNN's opaque tensors cannot be copied or pickled; a copy repacks on first use.
-        return {**super().__getstate__(), "_packed": None}
+        return {**self.__dict__, "_packed": None}
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose eval-mode CPU calls run through a PackedConv once prepack() is called,
+    and which can add a tensor to its output (a residual, a per-channel bias) in the same pass."""
+
+    packed: PackedConv | None = None
+
+    def prepack(self) -> None:
+        self.packed = PackedConv([self])
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None and self.packed.serves(x):
+            return self.packed(x, add)
+        # In place: conv backward does not read its output.
+        return super().forward(x) if add is None else super().forward(x).add_(add)
 
 
 class TimestepEmbedding(nn.Module):
@@ -93,17 +123,22 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
         """time_bias: [B, out_ch], this block's time_emb_proj(swish(temb)) (see UNet.time_biases)."""
-        # In place where autograd allows it (neither GroupNorm nor conv backward reads its
-        # output): it saves an activation-sized allocation and a pass over memory per op.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h += time_bias[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
-        h += x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h
+        # swish in place, where autograd allows it (GroupNorm backward does not read its
+        # output): it saves an activation-sized allocation and a pass over memory.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True), add=time_bias[:, :, None, None])
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)), add=shortcut)
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, with a residual connection."""
+    """Single-head self-attention over all H*W positions, with a residual connection.
+
+    After prepack(), eval-mode CPU calls run the q, k and v projections as one 1x1 conv and
+    the output projection as another, with the residual added inside it (see PackedConv).
+    """
+
+    packed_qkv: PackedConv | None = None
+    packed_out: PackedConv | None = None
 
     def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
@@ -113,13 +148,29 @@ class AttentionBlock(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
+    def prepack(self) -> None:
+        self.packed_qkv = PackedConv([self.to_q, self.to_k, self.to_v])
+        self.packed_out = PackedConv([self.to_out[0]])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)  # [B, heads=1, HW, C]
-        # 4-D, so that PyTorch picks its fused (flash) kernel; 3-D inputs fall back to plain math.
-        out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
-        out = self.to_out[0](out).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return x + out
+        # [B, heads=1, HW, C]: 4-D, so that PyTorch picks its fused (flash) kernel; 3-D inputs
+        # fall back to plain math.
+        q, k, v = self.project_qkv(self.group_norm(x))
+        return self.project_out(F.scaled_dot_product_attention(q, k, v), residual=x)
+
+    def project_qkv(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, c, h, w = normed.shape
+        if self.packed_qkv is not None and self.packed_qkv.serves(normed):
+            # Views of one channels_last [B, H, W, 3C] output: no copies.
+            return self.packed_qkv(normed).permute(0, 2, 3, 1).reshape(b, 1, h * w, 3 * c).chunk(3, dim=-1)
+        tokens = normed.permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
+        return self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+
+    def project_out(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = residual.shape
+        if self.packed_out is not None and self.packed_out.serves(out):
+            return self.packed_out(out.reshape(b, h, w, c).permute(0, 3, 1, 2), add=residual)
+        return residual + self.to_out[0](out).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
