@@ -10,9 +10,8 @@ What it does, and why (bench/unet_forward.py measures it):
   activations around every call; each conv then hands channels_last to the next layer, so
   inputs need no conversion. (CUDA is left as is: not measured here.)
 - on CPU, every convolution's weight also kept in oneDNN's blocked layout (unet.PackedConv),
-  so that no call reorders it again: the largest gain at small batches. Each residual and
-  time-bias add rides in the conv before it, and attention's q, k, v and output projections
-  run as oneDNN 1x1 convs (faster than MKL's GEMM on AVX-512 CPUs, AMD's in particular).
+  so that no call reorders it again: the largest gain at small batches. Attention's q, k, v
+  and output projections run as oneDNN 1x1 convs too (MKL's GEMM is slower on AMD CPUs).
 - a table of every ResnetBlock's time bias for all T timesteps, built from the current
   weights (see unet.TimeBiasTable): a step does one lookup instead of the sinusoid, two
   dense layers and one dense layer per block.

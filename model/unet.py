@@ -68,14 +68,9 @@ class PackedConv:
                 self._packed = (key, packed, torch.cat(biases))
         return self._packed[1], self._packed[2]
 
-    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(x), plus `add` (the output's shape, or [B, C_out, 1, 1]) inside the same pass."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.packed()
-        if add is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *self.geometry, "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, add, weight, bias, *self.geometry, "add", None, None, [], None
-        )
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *self.geometry, "none", [], "")
 
     def __getstate__(self):
         # oneDNN's opaque tensors cannot be copied or pickled; a copy repacks on first use.
@@ -83,19 +78,17 @@ class PackedConv:
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d whose eval-mode CPU calls run through a PackedConv once prepack() is called,
-    and which can add a tensor to its output (a residual, a per-channel bias) in the same pass."""
+    """nn.Conv2d whose eval-mode CPU calls run through a PackedConv once prepack() is called."""
 
     packed: PackedConv | None = None
 
     def prepack(self) -> None:
         self.packed = PackedConv([self])
 
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.packed.serves(x):
-            return self.packed(x, add)
-        # In place: conv backward does not read its output.
-        return super().forward(x) if add is None else super().forward(x).add_(add)
+            return self.packed(x)
+        return super().forward(x)
 
 
 class TimestepEmbedding(nn.Module):
@@ -123,18 +116,20 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
         """time_bias: [B, out_ch], this block's time_emb_proj(swish(temb)) (see UNet.time_biases)."""
-        # swish in place, where autograd allows it (GroupNorm backward does not read its
-        # output): it saves an activation-sized allocation and a pass over memory.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True), add=time_bias[:, :, None, None])
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)), add=shortcut)
+        # In place where autograd allows it (neither GroupNorm nor conv backward reads its
+        # output): it saves an activation-sized allocation and a pass over memory per op.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h += time_bias[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+        h += x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h
 
 
 class AttentionBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection.
 
     After prepack(), eval-mode CPU calls run the q, k and v projections as one 1x1 conv and
-    the output projection as another, with the residual added inside it (see PackedConv).
+    the output projection as another (see PackedConv).
     """
 
     packed_qkv: PackedConv | None = None
@@ -153,10 +148,13 @@ class AttentionBlock(nn.Module):
         self.packed_out = PackedConv([self.to_out[0]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
         # [B, heads=1, HW, C]: 4-D, so that PyTorch picks its fused (flash) kernel; 3-D inputs
         # fall back to plain math.
         q, k, v = self.project_qkv(self.group_norm(x))
-        return self.project_out(F.scaled_dot_product_attention(q, k, v), residual=x)
+        out = F.scaled_dot_product_attention(q, k, v).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        # In place: neither conv nor linear backward reads its output.
+        return self.project_out(out).add_(x)
 
     def project_qkv(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, c, h, w = normed.shape
@@ -166,11 +164,11 @@ class AttentionBlock(nn.Module):
         tokens = normed.permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
         return self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
 
-    def project_out(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = residual.shape
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """out: [B, C, H, W], a view of [B, H, W, C] memory."""
         if self.packed_out is not None and self.packed_out.serves(out):
-            return self.packed_out(out.reshape(b, h, w, c).permute(0, 3, 1, 2), add=residual)
-        return residual + self.to_out[0](out).reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return self.packed_out(out)
+        return self.to_out[0](out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
