@@ -11,7 +11,9 @@ What it does, and why (bench/unet_forward.py measures it):
   inputs need no conversion. (CUDA is left as is: not measured here.)
 - on CPU, every convolution's weight also kept in oneDNN's blocked layout (unet.PackedConv),
   so that no call reorders it again: the largest gain at small batches. Attention's q, k, v
-  and output projections run as oneDNN 1x1 convs too (MKL's GEMM is slower on AMD CPUs).
+  and output projections run as oneDNN 1x1 convs too (MKL's GEMM is slower on AMD CPUs),
+  and each upsampling conv runs at the input's resolution as 2x2 kernels, one per output
+  phase (unet.Upsample): half its multiply-adds.
 - a table of every ResnetBlock's time bias for all T timesteps, built from the current
   weights (see unet.TimeBiasTable): a step does one lookup instead of the sinusoid, two
   dense layers and one dense layer per block.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .unet import AttentionBlock, Conv2d, TimeBiasTable, UNet
+from .unet import AttentionBlock, Conv2d, TimeBiasTable, UNet, Upsample
 
 
 def prepare_for_inference(unet: UNet, num_timesteps: int) -> UNet:
@@ -37,7 +39,7 @@ def prepare_for_inference(unet: UNet, num_timesteps: int) -> UNet:
         unet.to(memory_format=torch.channels_last)
         if torch.backends.mkldnn.is_available():
             for module in unet.modules():
-                if isinstance(module, (Conv2d, AttentionBlock)):
+                if isinstance(module, (Conv2d, AttentionBlock, Upsample)):
                     module.prepack()
     table = unet.time_bias_table
     # An existing table for the same T stays: it rebuilds itself if the weights changed.

@@ -12,7 +12,7 @@ for every t (a [T, sum of block channels] table), so a sampling step looks them 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -34,19 +34,60 @@ def weights_key(params) -> tuple[tuple[int, int], ...]:
     return tuple((p.data_ptr(), p._version) for p in params)
 
 
+# layers -> (weight [C_out, C_in, kh, kw], bias [C_out]) of the conv that PackedConv runs.
+KernelDerivation = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
+
+
+def stacked_kernels(layers: list[nn.Conv2d | nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' weights and biases stacked along output channels; a Linear's as a 1x1 kernel."""
+    weights = [layer.weight.view(*layer.weight.shape, 1, 1) if layer.weight.dim() == 2 else layer.weight
+               for layer in layers]
+    return torch.cat(weights), torch.cat([layer.bias for layer in layers])
+
+
+# After 2x nearest upsampling, a 3x3 kernel over output rows of parity p reads only two input
+# rows: the first through kernel rows PHASE_TAPS[p][0], the second through PHASE_TAPS[p][1]
+# (the same for columns). With padding 1 on the input, these two rows are i + p and i + p + 1.
+PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
+
+
+def upsample_phase_kernels(layers: list[nn.Conv2d]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3x3 conv applied after 2x nearest upsampling, as one 2x2 conv of the input (padding 1)
+    whose 4 * C_out output channels are the four phases (row parity, column parity, channel)."""
+    (conv,) = layers
+    taps = torch.tensor(PHASE_TAPS, dtype=conv.weight.dtype, device=conv.weight.device)
+    weight = torch.einsum("ark,oikl,dsl->adoirs", taps, conv.weight, taps)
+    return weight.reshape(4 * conv.out_channels, conv.in_channels, 2, 2), conv.bias.repeat(4)
+
+
+def interleave_phases(phases: torch.Tensor) -> torch.Tensor:
+    """[B, 4C, H+1, W+1] from upsample_phase_kernels' conv -> the upsampled [B, C, 2H, 2W]:
+    output pixel (2i+a, 2j+d) is phase (a, d) at (i+a, j+d). channels_last in, channels_last out."""
+    b, c4, h1, w1 = phases.shape
+    c, h, w = c4 // 4, h1 - 1, w1 - 1
+    grid = phases.permute(0, 2, 3, 1).reshape(b, h1, w1, 2, 2, c)
+    out = phases.new_empty(b, h, 2, w, 2, c)
+    for a in (0, 1):
+        for d in (0, 1):
+            out[:, :, a, :, d] = grid[:, a:a + h, d:d + w, a, d]
+    return out.view(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
 class PackedConv:
     """A convolution run by oneDNN on a copy of its weight in oneDNN's blocked layout, for
     eval-mode CPU calls without autograd (see serves). A plain CPU conv reorders its weight on
     every call, which costs about as much as the convolution itself at batch 1.
 
-    The weight comes from `layers`: one Conv2d, or Linear layers stacked into one 1x1 conv
-    (on channels_last activations a 1x1 conv is the same matrix product, and oneDNN's runs
-    about 1.3x MKL's on an AVX-512 CPU). The copy is remade whenever one of their tensors
-    changes (an EMA update, load_state_dict), so it is never stale, and training never sees it.
+    `derive` makes the kernel from `layers`: by default one Conv2d's own, or Linear layers
+    stacked into one 1x1 conv (on channels_last activations a 1x1 conv is the same matrix
+    product, and oneDNN's runs faster than MKL's on AMD CPUs). The copy is remade whenever one
+    of the layers' tensors changes (an EMA update, load_state_dict), so it is never stale, and
+    training never sees it. Padding and stride are the first layer's if it is a Conv2d.
     """
 
-    def __init__(self, layers: list[nn.Conv2d | nn.Linear]):
+    def __init__(self, layers: list[nn.Conv2d | nn.Linear], derive: KernelDerivation = stacked_kernels):
         self.layers = layers
+        self.derive = derive
         conv = layers[0]
         if isinstance(conv, nn.Conv2d):  # (padding, stride, dilation, groups)
             self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
@@ -58,14 +99,12 @@ class PackedConv:
         return x.is_cpu and not self.layers[0].training and not torch.is_grad_enabled()
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = [layer.weight for layer in self.layers]
-        biases = [layer.bias for layer in self.layers]
-        key = weights_key(weights + biases)
+        key = weights_key(p for layer in self.layers for p in (layer.weight, layer.bias))
         if self._packed is None or self._packed[0] != key:
             with torch.no_grad():
-                weight = torch.cat([w.view(*w.shape, 1, 1) if w.dim() == 2 else w for w in weights])
+                weight, bias = self.derive(self.layers)
                 packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry)
-                self._packed = (key, packed, torch.cat(biases))
+                self._packed = (key, packed, bias)
         return self._packed[1], self._packed[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,11 +223,27 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """2x nearest-neighbour upsampling, then a 3x3 conv if with_conv.
+
+    After prepack(), eval-mode CPU calls do both at the input's resolution: an output pixel
+    sees only a 2x2 neighbourhood of the input, which depends on its row and column parity,
+    so the 3x3 kernel folds into one 2x2 kernel per parity (upsample_phase_kernels). One 2x2
+    conv makes all four: half the multiply-adds, and no upsampled copy of the input.
+    """
+
+    packed: PackedConv | None = None
+
     def __init__(self, channels: int, with_conv: bool):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1) if with_conv else None
 
+    def prepack(self) -> None:
+        if self.conv is not None:
+            self.packed = PackedConv([self.conv], upsample_phase_kernels)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self.packed.serves(x):
+            return interleave_phases(self.packed(x))
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x if self.conv is None else self.conv(x)
 
