@@ -9,6 +9,7 @@ import torch
 
 import model
 from model.inference import prepare_for_inference
+from model.unet import Upsample
 
 CONFIG = model.preset("tiny")  # 28x28x1, attention at 14x14, T = 50
 T = CONFIG.diffusion.num_timesteps
@@ -43,6 +44,22 @@ def test_prepared_computes_the_same_function(plain, batch):
     assert got.is_contiguous()
     assert prepared.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert prepared.time_bias_table.table.shape[0] == T
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 4, 1, 1)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_as_phase_kernels_is_the_same_function(shape, layout):
+    """Nearest 2x then a 3x3 conv, against one 2x2 conv per output phase at the input's size."""
+    torch.manual_seed(0)
+    upsample = Upsample(shape[1], with_conv=True).eval()
+    torch.nn.init.normal_(upsample.conv.bias)
+    x = torch.randn(shape).to(memory_format=layout)
+    with torch.inference_mode():
+        expected = upsample(x)
+        upsample.prepack()
+        got = upsample(x)
+    assert got.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_state_dict_keys_and_values_unchanged(plain):
