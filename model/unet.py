@@ -38,11 +38,25 @@ def weights_key(params) -> tuple[tuple[int, int], ...]:
 KernelDerivation = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
 
 
-def stacked_kernels(layers: list[nn.Conv2d | nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layers' weights and biases stacked along output channels; a Linear's as a 1x1 kernel."""
-    weights = [layer.weight.view(*layer.weight.shape, 1, 1) if layer.weight.dim() == 2 else layer.weight
-               for layer in layers]
-    return torch.cat(weights), torch.cat([layer.bias for layer in layers])
+def own_kernel(layers: list[nn.Conv2d]) -> tuple[torch.Tensor, torch.Tensor]:
+    (conv,) = layers
+    return conv.weight, conv.bias
+
+
+def folded_attention_kernels(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_q, to_k, to_v and to_out folded into one 1x1 kernel with 2C outputs over the normed
+    input x (rows: tokens; a Linear computes x W^T + b):
+    - queries a = x Wq^T Wk + bq Wk, against x itself as keys: a x^T equals q k^T up to the
+      per-row constant q bk, which softmax ignores;
+    - values v' = x Wv^T Wo^T + (bv Wo^T + bo): attention rows sum to 1, so softmax(...) v'
+      is to_out(softmax(...) v).
+    Computed in float64, so the folding adds no rounding of its own."""
+    to_q, to_k, to_v, to_out = ([layer.weight.double(), layer.bias.double()] for layer in layers)
+    (wq, bq), (wk, _), (wv, bv), (wo, bo) = to_q, to_k, to_v, to_out
+    weight = torch.cat([wk.T @ wq, wo @ wv])
+    bias = torch.cat([wk.T @ bq, wo @ bv + bo])
+    dtype = layers[0].weight.dtype
+    return weight[:, :, None, None].to(dtype), bias.to(dtype)
 
 
 # After 2x nearest upsampling, a 3x3 kernel over output rows of parity p reads only two input
@@ -78,14 +92,15 @@ class PackedConv:
     eval-mode CPU calls without autograd (see serves). A plain CPU conv reorders its weight on
     every call, which costs about as much as the convolution itself at batch 1.
 
-    `derive` makes the kernel from `layers`: by default one Conv2d's own, or Linear layers
-    stacked into one 1x1 conv (on channels_last activations a 1x1 conv is the same matrix
-    product, and oneDNN's runs faster than MKL's on AMD CPUs). The copy is remade whenever one
-    of the layers' tensors changes (an EMA update, load_state_dict), so it is never stale, and
-    training never sees it. Padding and stride are the first layer's if it is a Conv2d.
+    `derive` makes the kernel from `layers`: by default one Conv2d's own; others fold layers
+    into one conv (the attention projections, an upsampling conv). The copy is remade whenever
+    one of the layers' tensors changes (an EMA update, load_state_dict), so it is never stale,
+    and training never sees it. Padding and stride are the first layer's if it is a Conv2d,
+    else none: a 1x1 conv over channels_last activations is a Linear over their tokens (and
+    oneDNN's runs faster than MKL's matrix product on AMD CPUs).
     """
 
-    def __init__(self, layers: list[nn.Conv2d | nn.Linear], derive: KernelDerivation = stacked_kernels):
+    def __init__(self, layers: list[nn.Conv2d | nn.Linear], derive: KernelDerivation = own_kernel):
         self.layers = layers
         self.derive = derive
         conv = layers[0]
@@ -98,17 +113,19 @@ class PackedConv:
     def serves(self, x: torch.Tensor) -> bool:
         return x.is_cpu and not self.layers[0].training and not torch.is_grad_enabled()
 
-    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def packed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = weights_key(p for layer in self.layers for p in (layer.weight, layer.bias))
         if self._packed is None or self._packed[0] != key:
             with torch.no_grad():
                 weight, bias = self.derive(self.layers)
-                packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry)
+                # Given an input's size, oneDNN picks the layout its conv will want at any batch
+                # size; without one, some 1x1 kernels were reordered again on every call.
+                packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry, list(x.shape))
                 self._packed = (key, packed, bias)
         return self._packed[1], self._packed[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.packed()
+        weight, bias = self.packed(x)
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *self.geometry, "none", [], "")
 
     def __getstate__(self):
@@ -167,12 +184,12 @@ class ResnetBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection.
 
-    After prepack(), eval-mode CPU calls run the q, k and v projections as one 1x1 conv and
-    the output projection as another (see PackedConv).
+    After prepack(), eval-mode CPU calls fold the four projections into one 1x1 conv with 2C
+    outputs, queries and values, and use the normed input itself as keys
+    (folded_attention_kernels): half the projection work.
     """
 
-    packed_qkv: PackedConv | None = None
-    packed_out: PackedConv | None = None
+    packed: PackedConv | None = None
 
     def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
@@ -183,31 +200,23 @@ class AttentionBlock(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def prepack(self) -> None:
-        self.packed_qkv = PackedConv([self.to_q, self.to_k, self.to_v])
-        self.packed_out = PackedConv([self.to_out[0]])
+        self.packed = PackedConv([self.to_q, self.to_k, self.to_v, self.to_out[0]], folded_attention_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        normed = self.group_norm(x)
         # [B, heads=1, HW, C]: 4-D, so that PyTorch picks its fused (flash) kernel; 3-D inputs
         # fall back to plain math.
-        q, k, v = self.project_qkv(self.group_norm(x))
-        out = F.scaled_dot_product_attention(q, k, v).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        # In place: neither conv nor linear backward reads its output.
-        return self.project_out(out).add_(x)
-
-    def project_qkv(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, c, h, w = normed.shape
-        if self.packed_qkv is not None and self.packed_qkv.serves(normed):
-            # Views of one channels_last [B, H, W, 3C] output: no copies.
-            return self.packed_qkv(normed).permute(0, 2, 3, 1).reshape(b, 1, h * w, 3 * c).chunk(3, dim=-1)
         tokens = normed.permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
-        return self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-
-    def project_out(self, out: torch.Tensor) -> torch.Tensor:
-        """out: [B, C, H, W], a view of [B, H, W, C] memory."""
-        if self.packed_out is not None and self.packed_out.serves(out):
-            return self.packed_out(out)
-        return self.to_out[0](out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.packed is not None and self.packed.serves(x):
+            # Views of one channels_last [B, H, W, 2C] output: no copies.
+            queries, values = self.packed(normed).permute(0, 2, 3, 1).reshape(b, 1, h * w, 2 * c).chunk(2, dim=-1)
+            out = F.scaled_dot_product_attention(queries, tokens, values)
+        else:
+            q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+            out = self.to_out[0](F.scaled_dot_product_attention(q, k, v))
+        # In place: linear backward does not read its output; the packed path has no autograd.
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2).add_(x)
 
 
 class Downsample(nn.Module):
