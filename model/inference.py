@@ -10,10 +10,12 @@ What it does, and why (bench/unet_forward.py measures it):
   activations around every call; each conv then hands channels_last to the next layer, so
   inputs need no conversion. (CUDA is left as is: not measured here.)
 - on CPU, every convolution's weight also kept in oneDNN's blocked layout (unet.PackedConv),
-  so that no call reorders it again: the largest gain at small batches. Attention's q, k, v
-  and output projections run as oneDNN 1x1 convs too (MKL's GEMM is slower on AMD CPUs),
-  and each upsampling conv runs at the input's resolution as 2x2 kernels, one per output
-  phase (unet.Upsample): half its multiply-adds.
+  so that no call reorders it again: the largest gain at small batches. Two layers run as
+  cheaper, equivalent convolutions (the same function up to float rounding):
+  - attention's four projections fold into one 1x1 conv with half their multiply-adds,
+    queries and values, with the normed input itself as keys (unet.AttentionBlock);
+  - each upsampling conv runs at the input's resolution, one 2x2 kernel per output phase:
+    half its multiply-adds, and no upsampled copy (unet.Upsample).
 - a table of every ResnetBlock's time bias for all T timesteps, built from the current
   weights (see unet.TimeBiasTable): a step does one lookup instead of the sinusoid, two
   dense layers and one dense layer per block.
