@@ -9,7 +9,7 @@ import torch
 
 import model
 from model.inference import prepare_for_inference
-from model.unet import Upsample
+from model.unet import AttentionBlock, Upsample
 
 CONFIG = model.preset("tiny")  # 28x28x1, attention at 14x14, T = 50
 T = CONFIG.diffusion.num_timesteps
@@ -59,6 +59,23 @@ def test_upsample_as_phase_kernels_is_the_same_function(shape, layout):
         upsample.prepack()
         got = upsample(x)
     assert got.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attention_with_folded_projections_is_the_same_function(layout):
+    """Queries and values from one folded 1x1 conv, the normed input as keys: the same output,
+    whatever the biases (softmax ignores the key bias's per-row constant)."""
+    torch.manual_seed(0)
+    attention = AttentionBlock(16, groups=4, eps=1e-6).eval()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.normal_(0.0, 0.3)
+    x = torch.randn(2, 16, 5, 3).to(memory_format=layout)
+    with torch.inference_mode():
+        expected = attention(x)
+        attention.prepack()
+        got = attention(x)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
