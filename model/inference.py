@@ -9,8 +9,9 @@ What it does, and why (bench/unet_forward.py measures it):
 - channels_last weights on CPU: oneDNN's convolutions run NHWC without reordering the
   activations around every call; each conv then hands channels_last to the next layer, so
   inputs need no conversion. (CUDA is left as is: not measured here.)
-- on CPU, every convolution's weight also kept in oneDNN's blocked layout (unet.PackedConv),
-  so that no call reorders it again: the largest gain at small batches. Two layers run as
+- on CPU, every convolution's weight also kept in oneDNN's blocked layout (unet.PackedConv,
+  packed at the first call, for its input's size), so that no call reorders it again: the
+  largest gain at small batches. Two layers run as
   cheaper, equivalent convolutions (the same function up to float rounding):
   - attention's four projections fold into one 1x1 conv with half their multiply-adds,
     queries and values, with the normed input itself as keys (unet.AttentionBlock);
@@ -20,8 +21,8 @@ What it does, and why (bench/unet_forward.py measures it):
   weights (see unet.TimeBiasTable): a step does one lookup instead of the sinusoid, two
   dense layers and one dense layer per block.
 
-Both derived copies are remade from the weights whenever these change (an EMA update,
-load_state_dict), so they are never stale. Training is unaffected: in train mode, or with
+The packed kernels and the table are remade from the weights whenever these change (an EMA
+update, load_state_dict), so they are never stale. Training is unaffected: in train mode, or with
 autograd on, the U-Net uses only its parameters, as before.
 """
 

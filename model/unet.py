@@ -51,8 +51,7 @@ def folded_attention_kernels(layers: list[nn.Linear]) -> tuple[torch.Tensor, tor
     - values v' = x Wv^T Wo^T + (bv Wo^T + bo): attention rows sum to 1, so softmax(...) v'
       is to_out(softmax(...) v).
     Computed in float64, so the folding adds no rounding of its own."""
-    to_q, to_k, to_v, to_out = ([layer.weight.double(), layer.bias.double()] for layer in layers)
-    (wq, bq), (wk, _), (wv, bv), (wo, bo) = to_q, to_k, to_v, to_out
+    (wq, bq), (wk, _), (wv, bv), (wo, bo) = ((layer.weight.double(), layer.bias.double()) for layer in layers)
     weight = torch.cat([wk.T @ wq, wo @ wv])
     bias = torch.cat([wk.T @ bq, wo @ bv + bo])
     dtype = layers[0].weight.dtype
