@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from bench.engine_throughput import bare_loop, in_own_thread, load_model
-from server.engine import POLICIES, Engine, EngineConfig, GenerationSpec
+from server.contract import POLICIES, EngineConfig, GenerationSpec, validate
+from server.engine import Engine
 
 Arrival = tuple[float, GenerationSpec]  # (seconds after the start, request)
 
@@ -59,14 +60,14 @@ async def serve(ddpm, config: EngineConfig, arrivals: list[Arrival]) -> dict[str
     engine = Engine(ddpm, config, observer)
     await engine.start()
     try:
-        await engine.submit(GenerationSpec(n=1, steps=1)).result()  # warm-up
+        await engine.submit(validate(GenerationSpec(n=1, steps=1), engine.limits)).result()  # warm-up
         observer.sizes.clear()
         began = time.perf_counter()
 
         async def one(offset: float, spec: GenerationSpec) -> tuple[float, float]:
             await asyncio.sleep(max(0.0, began + offset - time.perf_counter()))
             submitted = time.perf_counter()
-            await engine.submit(spec).result()
+            await engine.submit(validate(spec, engine.limits)).result()
             finished = time.perf_counter()
             return finished - submitted, finished
 

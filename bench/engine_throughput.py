@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 import model
-from server.engine import Engine, EngineConfig, GenerationSpec
+from server.contract import EngineConfig, GenerationSpec, validate
+from server.engine import Engine
 
 SHIPPED_WEIGHTS = Path("weights/ddpm-mnist.safetensors")
 
@@ -78,13 +79,16 @@ def in_own_thread(threads: int, fn, *args):
 async def engine_run(ddpm: model.DDPM, batch: int, rounds: int, steps: int, threads: int) -> Timing:
     """Time for the engine to serve rounds x batch one-image requests submitted at once."""
     images = batch * rounds
-    engine = Engine(ddpm, EngineConfig(max_batch=batch, max_queue=max(images, 64), torch_threads=threads))
+    config = EngineConfig(max_batch=batch, max_queue=max(images, 64), max_images_per_request=batch,
+                          torch_threads=threads)
+    engine = Engine(ddpm, config)
     await engine.start()
     try:
         # The first call at a batch size sets up its kernels, as the bare loop's warm-up does.
-        await engine.submit(GenerationSpec(n=batch, steps=1)).result()
+        await engine.submit(validate(GenerationSpec(n=batch, steps=1), engine.limits)).result()
         wall_began, cpu_began = time.perf_counter(), time.process_time()
-        handles = [engine.submit(GenerationSpec(n=1, steps=steps, seed=i)) for i in range(images)]
+        specs = [validate(GenerationSpec(n=1, steps=steps, seed=i), engine.limits) for i in range(images)]
+        handles = [engine.submit(spec) for spec in specs]
         for handle in handles:
             await handle.result()
         return Timing.since(wall_began, cpu_began)

@@ -33,7 +33,8 @@ import torch
 from websockets.asyncio.client import connect
 
 import model
-from server.engine import Done, Engine, EngineConfig, Frame, GenerationSpec
+from server.contract import Done, EngineConfig, Frame, GenerationSpec, validate
+from server.engine import Engine
 
 
 @dataclass
@@ -93,7 +94,8 @@ async def engine_alone(ddpm: model.DDPM, args: argparse.Namespace) -> Report:
     async def one_request(index: int) -> Outcome:
         preview_every = args.preview_every if wants_previews(args, index) else 0
         began, first_frame = time.perf_counter(), None
-        handle = engine.submit(GenerationSpec(n=args.n, steps=args.steps, seed=index, preview_every=preview_every))
+        spec = GenerationSpec(n=args.n, steps=args.steps, seed=index, preview_every=preview_every)
+        handle = engine.submit(validate(spec, engine.limits))
         async for event in handle.events():
             if isinstance(event, Frame) and first_frame is None:
                 first_frame = time.perf_counter() - began

@@ -8,25 +8,26 @@ shutdown drains it (running work finishes within `shutdown_grace_s`; new work ge
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server.api import ROUTERS
-from server.api.deps import OwnerSlots, ServerState
+from server.api.deps import ServerState
 from server.api.errors import install_error_handlers
-from server.api.jobs import JobStore
+from server.api.jobstore import JobStore
+from server.api.limits import OwnerSlots
 from server.api.middleware import BodySizeLimit, HttpMetrics
-from server.api.schemas import ModelLimits
-from server.metrics import Metrics, PrometheusObserver
+from server.contract import EngineClient, EngineObserver
+from server.metrics import Metrics
 from server.settings import Settings
 
 if TYPE_CHECKING:
     import model
 
-# (settings, observer) -> an object with the Engine's client interface. Tests pass a fake.
-EngineFactory = Callable[[Settings, PrometheusObserver], Any]
+# (settings, observer) -> an engine. The real one by default; tests pass a fake.
+EngineFactory = Callable[[Settings, EngineObserver], EngineClient]
 
 
 class StartupError(RuntimeError):
@@ -63,23 +64,13 @@ def reserve_cores_for_engine(settings: Settings) -> int:
 def real_engine_factory(ddpm: model.DDPM | None = None, torch_threads: int | None = None) -> EngineFactory:
     """Build the real engine around `ddpm`, or around the weights the settings name."""
 
-    def build(settings: Settings, observer: PrometheusObserver) -> Any:
-        from server.engine import Engine, EngineConfig
+    def build(settings: Settings, observer: EngineObserver) -> EngineClient:
+        from server.engine import Engine  # torch and the model load here, not with the API
 
         threads = torch_threads
         if ddpm is None:
             threads = reserve_cores_for_engine(settings)
-        config = EngineConfig(
-            max_batch=settings.max_batch,
-            max_queue=settings.max_queue,
-            policy=settings.policy,
-            default_timeout_s=settings.request_timeout_s,
-            max_preview_fps=settings.max_preview_fps,
-            shutdown_grace_s=settings.shutdown_grace_s,
-            max_images_per_request=settings.max_images_per_request,
-            torch_threads=threads,
-        )
-        return Engine(ddpm or load_model(settings), config, observer)
+        return Engine(ddpm or load_model(settings), settings.engine_config(threads), observer)
 
     return build
 
@@ -93,11 +84,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = engine_factory(settings, metrics.observer)
         await engine.start()
-        num_timesteps = engine.model_info()["num_timesteps"]
-        limits = ModelLimits(num_timesteps, settings.max_images_per_request)
         slots = OwnerSlots(settings.max_concurrent_per_key)
-        jobs = JobStore(engine, slots, num_timesteps, settings.job_ttl_s, settings.max_jobs)
-        app.state.server = ServerState(settings, engine, metrics, limits, jobs, slots)
+        jobs = JobStore(engine, slots, settings.job_ttl_s, settings.max_jobs)
+        app.state.server = ServerState(settings, engine, metrics, engine.model_info().limits, jobs, slots)
         try:
             yield
         finally:

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(event["step"] - bar.n)
                 elif event["type"] == "done":
                     bar.close()
-                    for image in decode_images(event["images"]):
+                    for image in decode_images(event["data"]):
                         path = args.out / f"ddpm-{event['seed']}-{image.index}.png"
                         path.write_bytes(image.png)
                         print(f"{path}  (image seed {image.seed})")

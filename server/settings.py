@@ -9,6 +9,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.contract import DEFAULT_ENGINE_CONFIG as ENGINE
+from server.contract import EngineConfig, Policy
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_WEIGHTS = PROJECT_ROOT / "weights" / "ddpm-mnist.safetensors"
 
@@ -26,13 +29,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # The engine
-    max_batch: int = Field(32, ge=1, description="images per U-Net call")
-    max_queue: int = Field(256, ge=1, description="images waiting before new requests get 429")
-    policy: Literal["continuous", "static", "sequential"] = "continuous"
-    max_images_per_request: int = Field(16, ge=1)
-    request_timeout_s: float = Field(3600.0, gt=0)
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    max_preview_fps: float = Field(10.0, gt=0)
+    max_batch: int = Field(ENGINE.max_batch, ge=1, description="images per U-Net call")
+    max_queue: int = Field(ENGINE.max_queue, ge=1, description="images waiting before new requests get 429")
+    policy: Policy = ENGINE.policy
+    max_images_per_request: int = Field(ENGINE.max_images_per_request, ge=1)
+    request_timeout_s: float = Field(ENGINE.default_timeout_s, gt=0)
+    shutdown_grace_s: float = Field(ENGINE.shutdown_grace_s, ge=0)
+    max_preview_fps: float = Field(ENGINE.max_preview_fps, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads of the engine (0: torch's default, all cores)")
 
     # The API
@@ -62,11 +65,21 @@ class Settings(BaseSettings):
         return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
 
     @model_validator(mode="after")
-    def largest_request_fits_the_queue(self) -> "Settings":
-        if self.max_queue < self.max_images_per_request:
-            raise ValueError(f"max_queue ({self.max_queue}) must be >= max_images_per_request "
-                             f"({self.max_images_per_request}), or the largest requests never fit")
+    def engine_accepts_the_settings(self) -> "Settings":
+        self.engine_config()  # EngineConfig checks how its fields fit together (a ValueError: exit 2)
         return self
+
+    def engine_config(self, torch_threads: int | None = None) -> EngineConfig:
+        return EngineConfig(
+            max_batch=self.max_batch,
+            max_queue=self.max_queue,
+            policy=self.policy,
+            default_timeout_s=self.request_timeout_s,
+            max_preview_fps=self.max_preview_fps,
+            shutdown_grace_s=self.shutdown_grace_s,
+            max_images_per_request=self.max_images_per_request,
+            torch_threads=torch_threads,
+        )
 
     @property
     def auth_enabled(self) -> bool:

@@ -1,55 +1,24 @@
-"""What the routes depend on: the app's shared state, the caller's identity, per-key limits."""
+"""What the routes depend on: the app's shared state and the caller's identity.
+
+A leaf below the routes: it imports services (job store, limits, settings), never a route.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Iterator
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
 from server.api.errors import ApiError
-from server.api.schemas import ModelLimits
+from server.api.jobstore import JobStore
+from server.api.limits import OwnerSlots
+from server.contract import EngineClient, GenerationSpec, InvalidSpec, RequestLimits, ValidSpec, validate
 from server.metrics import Metrics
 from server.settings import Settings, key_id
-
-if TYPE_CHECKING:
-    from server.api.jobs import JobStore
-    from server.engine import Engine
-
-
-class OwnerSlots:
-    """At most `limit` open requests per API key (generations, streams and unfinished jobs)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.open: Counter[str] = Counter()
-
-    def acquire(self, owner: str | None) -> None:
-        if owner is None:  # no API keys configured: the engine's queue is the only limit
-            return
-        if self.open[owner] >= self.limit:
-            raise ApiError(429, "too_many_requests", f"at most {self.limit} open requests per API key",
-                           {"Retry-After": "1"})
-        self.open[owner] += 1
-
-    def release(self, owner: str | None) -> None:
-        if owner is not None:
-            self.open[owner] -= 1
-            if self.open[owner] <= 0:
-                del self.open[owner]
-
-    @contextmanager
-    def hold(self, owner: str | None) -> Iterator[None]:
-        self.acquire(owner)
-        try:
-            yield
-        finally:
-            self.release(owner)
 
 
 @dataclass
@@ -57,11 +26,19 @@ class ServerState:
     """Everything the lifespan builds, shared by all routes (app.state.server)."""
 
     settings: Settings
-    engine: Engine | Any  # the real Engine, or any object with its client interface (tests)
+    engine: EngineClient
     metrics: Metrics
-    limits: ModelLimits
+    limits: RequestLimits  # the engine's, from its model_info()
     jobs: JobStore
     slots: OwnerSlots
+
+    def accept(self, spec: GenerationSpec) -> ValidSpec:
+        """The request checked against the served model (InvalidSpec -> 422), counted if refused."""
+        try:
+            return validate(spec, self.limits)
+        except InvalidSpec:
+            self.metrics.observer.on_reject("invalid")
+            raise
 
 
 def get_state(connection: HTTPConnection) -> ServerState:

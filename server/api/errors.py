@@ -1,6 +1,6 @@
 """Every failure the API reports, as {"error": {"code", "message"}} with the right status.
 
-Engine errors map here once, for both HTTP and WebSocket (`failure_for`), so a client sees the
+Engine errors map here once (`api_error_for`), for both HTTP and WebSocket, so a client sees the
 same code whichever way it asked.
 """
 
@@ -13,8 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api.schemas import OutOfRange
-from server.engine.types import EngineClosed, EngineError, Failed, GenerationFailed, InvalidSpec, QueueFull
+from server.contract import EngineClosed, EngineError, GenerationFailed, InvalidSpec, QueueFull
 
 # Why a generation ended without images -> HTTP status. 499: the client closed the request (nginx).
 FAILURE_STATUS = {"cancelled": 499, "timeout": 504, "shutdown": 503, "out_of_memory": 503, "internal": 500}
@@ -37,7 +36,7 @@ def api_error_for(exc: Exception) -> ApiError:
         return ApiError(429, "queue_full", str(exc), {"Retry-After": retry_after})
     if isinstance(exc, EngineClosed):
         return ApiError(503, "shutting_down", "the server is shutting down; retry on another replica")
-    if isinstance(exc, (InvalidSpec, OutOfRange)):
+    if isinstance(exc, InvalidSpec):
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, GenerationFailed):
         failure = exc.failure
@@ -45,12 +44,6 @@ def api_error_for(exc: Exception) -> ApiError:
     if isinstance(exc, EngineError):
         return ApiError(503, "unavailable", str(exc))
     raise TypeError(f"not an API error: {exc!r}") from exc
-
-
-def failure_for(exc: Exception) -> Failed:
-    """The same mapping as an error event for the WebSocket stream."""
-    error = api_error_for(exc)
-    return Failed(request_id="", code=error.code, message=error.message)
 
 
 def describe_validation_errors(errors: list[dict], whole: str = "body") -> str:
@@ -71,7 +64,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_engine_error(request: Request, exc: Exception) -> JSONResponse:
         return await on_api_error(request, api_error_for(exc))
 
-    for error_class in (EngineError, OutOfRange, GenerationFailed):
+    for error_class in (EngineError, InvalidSpec, GenerationFailed):
         app.add_exception_handler(error_class, on_engine_error)
 
     @app.exception_handler(RequestValidationError)

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
 from server.api.deps import Owner, State
 from server.api.errors import ApiError
-from server.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
-from server.engine.types import Done
-
-if TYPE_CHECKING:
-    from server.engine import RequestHandle
+from server.api.schemas import ErrorResponse, GenerateRequest
+from server.contract import Done, RequestHandle
 
 router = APIRouter(tags=["generate"])
 
 
 @router.post(
     "/generate",
-    response_model=GenerateResponse,
+    response_model=Done,
     responses={
         200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself with Accept: image/png and n=1"},
         401: {"model": ErrorResponse},
@@ -35,15 +31,15 @@ async def generate(body: GenerateRequest, request: Request, state: State, owner:
     want_png = prefers_png(request.headers.get("accept", ""))
     if want_png and body.n != 1:
         raise ApiError(406, "not_acceptable", "Accept: image/png returns one image; ask for n=1 or accept JSON")
-    spec = state.limits.to_spec(body, owner)
+    spec = state.accept(body.to_spec(owner))
     with state.slots.hold(owner):
         handle = state.engine.submit(spec)
         done = await result_unless_disconnected(handle, request)
     if want_png:
         image = done.images[0]
         return Response(image.png, media_type="image/png",
-                        headers={"X-Request-Id": done.request_id, "X-Seed": str(image.seed)})
-    return Response(GenerateResponse.from_done(done).model_dump_json(), media_type="application/json")
+                        headers={"X-Request-Id": done.id, "X-Seed": str(image.seed)})
+    return Response(done.model_dump_json(by_alias=True), media_type="application/json")
 
 
 def prefers_png(accept: str) -> bool:

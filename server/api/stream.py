@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -19,11 +18,8 @@ from starlette.responses import JSONResponse
 
 from server.api.deps import State, bearer_token, identify
 from server.api.errors import ApiError, api_error_for, describe_validation_errors, error_json
-from server.api.schemas import OutOfRange, StreamRequest, b64
-from server.engine.types import Done, EngineError, Event, Failed, Frame, Progress, Queued, Started
-
-if TYPE_CHECKING:
-    from server.engine import RequestHandle
+from server.api.schemas import StreamRequest
+from server.contract import Done, EngineError, Failed, InvalidSpec, RequestHandle, event_json
 
 router = APIRouter(tags=["stream"])
 
@@ -47,13 +43,13 @@ async def stream(websocket: WebSocket, state: State) -> None:
     await websocket.accept()
     try:
         request = await receive_request(websocket, state.settings.max_body_bytes)
-        spec = state.limits.to_spec(request, owner, state.settings.default_preview_every)
+        spec = state.accept(request.to_spec(owner, state.settings.default_preview_every))
         with state.slots.hold(owner):
             handle = state.engine.submit(spec)
             await relay(websocket, handle, state.settings.max_body_bytes)
     except ProtocolError as exc:
         await send_error_and_close(websocket, "invalid_message", str(exc), POLICY_VIOLATION)
-    except (ApiError, EngineError, OutOfRange) as exc:
+    except (ApiError, EngineError, InvalidSpec) as exc:
         error = exc if isinstance(exc, ApiError) else api_error_for(exc)
         await send_error_and_close(websocket, error.code, error.message, close_code_for(error))
     except WebSocketDisconnect:
@@ -129,26 +125,6 @@ async def listen_for_cancel(websocket: WebSocket, handle: RequestHandle, max_byt
         handle.cancel()  # the engine ends the stream with an error event, code "cancelled"
 
 
-def event_json(event: Event) -> dict[str, Any]:
-    if isinstance(event, Queued):
-        return {"type": "queued", "id": event.request_id, "position": event.position}
-    if isinstance(event, Started):
-        return {"type": "started", "id": event.request_id}
-    if isinstance(event, Progress):
-        return {"type": "progress", "id": event.request_id, "step": event.step, "total": event.total,
-                "eta_s": event.eta_s}
-    if isinstance(event, Frame):
-        return {"type": "frame", "id": event.request_id, "step": event.step, "total": event.total,
-                "index": event.index, "kind": event.kind, "png": b64(event.png)}
-    if isinstance(event, Done):
-        images = [{"index": i.index, "seed": i.seed, "b64_json": b64(i.png)} for i in event.images]
-        return {"type": "done", "id": event.request_id, "seed": event.seed, "images": images,
-                "timings": event.timings}
-    if isinstance(event, Failed):
-        return {"type": "error", "id": event.request_id, "code": event.code, "message": event.message}
-    raise TypeError(f"unknown event {event!r}")
-
-
 def close_code_for(error: ApiError) -> int:
     if error.status == 429:
         return TRY_AGAIN_LATER
@@ -159,7 +135,7 @@ def close_code_for(error: ApiError) -> int:
 
 async def send_error_and_close(websocket: WebSocket, code: str, message: str, close_code: int) -> None:
     try:
-        await websocket.send_json({"type": "error", "code": code, "message": message})
+        await websocket.send_json(event_json(Failed(id=None, code=code, message=message)))
         await websocket.close(close_code)
     except (WebSocketDisconnect, RuntimeError):
         pass  # already gone or already closed

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import State, authenticate
 from server.api.schemas import ErrorResponse
+from server.contract import GenerationSpec
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 
@@ -46,17 +47,18 @@ async def metrics(state: State) -> Response:
 async def models(state: State) -> dict:
     """The served model: config, size, image shape, samplers, defaults and limits."""
     settings, info = state.settings, state.engine.model_info()
+    engine_limits = ("max_batch", "max_queue", "max_preview_fps", "default_timeout_s")
     return {
         "id": settings.weights.name,
-        **info,
+        **info.model_dump(mode="json", exclude={"limits", *engine_limits}),
         "limits": {
-            **info.get("limits", {}),
-            "max_images_per_request": state.limits.max_images_per_request,
-            "max_steps": state.limits.num_timesteps,
+            **info.model_dump(include=set(engine_limits)),
+            "max_images_per_request": info.limits.max_images_per_request,
+            "max_steps": info.limits.num_timesteps,
             "max_concurrent_per_key": settings.max_concurrent_per_key if settings.auth_enabled else None,
             "max_body_bytes": settings.max_body_bytes,
         },
-        "defaults": {**info.get("defaults", {}), "n": 1, "steps": state.limits.num_timesteps,
-                     "preview_every": settings.default_preview_every},
+        "defaults": {"n": GenerationSpec.n, "sampler": GenerationSpec.sampler, "steps": info.num_timesteps,
+                     "eta": GenerationSpec.eta, "preview_every": settings.default_preview_every},
         "auth_required": settings.auth_enabled,
     }

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import threading
 import time
 import uuid
@@ -29,32 +28,32 @@ import torch
 
 from model import DDPM
 from model.samplers import SAMPLERS
+from server.contract import (
+    EngineClosed,
+    EngineConfig,
+    EngineObserver,
+    Failed,
+    ModelInfo,
+    NullObserver,
+    Progress,
+    Queued,
+    QueueFull,
+    RequestLimits,
+    RequestState,
+    RequestStatus,
+    Started,
+    ValidSpec,
+)
 
-from .config import EngineConfig
 from .events import EventChannel, RequestHandle
-from .observer import EngineObserver, NullObserver
 from .publisher import Publisher
 from .request import Lane, Request
 from .runner import Runner
 from .scheduler import Scheduler
-from .types import (
-    EngineClosed,
-    Failed,
-    GenerationSpec,
-    InvalidSpec,
-    Progress,
-    Queued,
-    QueueFull,
-    RequestState,
-    RequestStatus,
-    Started,
-)
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.25  # how often an idle engine looks at deadlines and the shutdown grace
-MAX_SEED = 2**63
-FRAME_KINDS = ("x_t", "x0")
 OUTCOME_OF_CODE = {"cancelled": "cancelled", "timeout": "timeout", "shutdown": "shutdown"}
 
 
@@ -65,6 +64,7 @@ class Engine:
         self._runner = Runner(ddpm)
         self._torch_threads = config.torch_threads or torch.get_num_threads()
         self._scheduler = Scheduler(config.policy, config.max_batch)
+        self.limits = RequestLimits(self._runner.num_timesteps, config.max_images_per_request)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: Publisher | None = None
         self._thread: threading.Thread | None = None
@@ -107,19 +107,16 @@ class Engine:
 
     # ---- the client interface (on the asyncio loop; never blocks) ----
 
-    def submit(self, spec: GenerationSpec) -> RequestHandle:
+    def submit(self, spec: ValidSpec) -> RequestHandle:
+        if not isinstance(spec, ValidSpec) or spec.limits != self.limits:
+            raise TypeError("submit takes a ValidSpec from server.contract.validate(spec, engine.model_info().limits)")
         if self._loop is None:
             self.observer.on_reject("closed")
             raise EngineClosed("the engine has not been started")
-        try:
-            plan = self._plan_for(spec)
-        except InvalidSpec:
-            self.observer.on_reject("invalid")
-            raise
-        seed = secrets.randbits(63) if spec.seed is None else spec.seed
+        plan = self._runner.plan(spec.sampler, spec.steps, spec.eta)
         timeout_s = self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s
         channel = EventChannel(self._loop)
-        request = Request(uuid.uuid4().hex, spec, seed, plan, timeout_s, channel)
+        request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel)
         with self._lock:
             if self._closing:
                 rejection = "closed"
@@ -137,10 +134,10 @@ class Engine:
         if rejection == "queue_full":
             self.observer.on_reject("queue_full")
             raise QueueFull(self._retry_after_s(spec.n))
-        channel.put(Queued(request.id, position))
+        channel.put(Queued(id=request.id, position=position))
         self.observer.on_submit(spec.n)
         self._wakeup.set()
-        return RequestHandle(request.id, seed, spec, channel, self.cancel)
+        return RequestHandle(request.id, spec.seed, spec, channel, self.cancel)
 
     def cancel(self, request_id: str) -> bool:
         """True if the request was live; it ends with Failed(code="cancelled") at the next step."""
@@ -168,28 +165,24 @@ class Engine:
                 owner=request.spec.owner,
             )
 
-    def model_info(self) -> dict:
+    def model_info(self) -> ModelInfo:
         ddpm = self._runner.ddpm
-        num_timesteps = self._runner.num_timesteps
-        return {
-            "config": ddpm.config.to_dict(),
-            "num_parameters": ddpm.num_parameters(),
-            "image_shape": list(ddpm.image_shape),
-            "num_timesteps": num_timesteps,
-            "dataset": ddpm.info.get("dataset"),
-            "info": ddpm.info,
-            "device": str(self._runner.device),
-            "samplers": sorted(SAMPLERS),
-            "defaults": {"sampler": "ddpm", "steps": num_timesteps, "eta": 0.0, "preview_every": 0},
-            "limits": {
-                "max_batch": self.config.max_batch,
-                "max_images_per_request": self.config.max_images_per_request,
-                "max_queue": self.config.max_queue,
-                "max_preview_fps": self.config.max_preview_fps,
-                "default_timeout_s": self.config.default_timeout_s,
-            },
-            "policy": self.config.policy,
-        }
+        return ModelInfo(
+            config=ddpm.config.to_dict(),
+            num_parameters=ddpm.num_parameters(),
+            image_shape=ddpm.image_shape,
+            num_timesteps=self._runner.num_timesteps,
+            dataset=ddpm.info.get("dataset"),
+            info=ddpm.info,
+            device=str(self._runner.device),
+            samplers=sorted(SAMPLERS),
+            policy=self.config.policy,
+            limits=self.limits,
+            max_batch=self.config.max_batch,
+            max_queue=self.config.max_queue,
+            max_preview_fps=self.config.max_preview_fps,
+            default_timeout_s=self.config.default_timeout_s,
+        )
 
     def stats(self) -> dict:
         with self._lock:
@@ -203,32 +196,6 @@ class Engine:
             "batch_cap": self._scheduler.batch_cap,
             "policy": self.config.policy,
         }
-
-    def _plan_for(self, spec: GenerationSpec):
-        """The spec's sampling plan, or InvalidSpec saying what is wrong with it."""
-        limit = self.config.max_images_per_request
-        if not isinstance(spec.n, int) or not 1 <= spec.n <= limit:
-            raise InvalidSpec(f"n must be an integer between 1 and {limit}, got {spec.n!r}")
-        if spec.sampler not in SAMPLERS:
-            raise InvalidSpec(f"unknown sampler {spec.sampler!r}; choose one of {sorted(SAMPLERS)}")
-        num_timesteps = self._runner.num_timesteps
-        steps = num_timesteps if spec.steps is None else spec.steps
-        if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-            raise InvalidSpec(f"steps must be an integer between 1 and {num_timesteps} (the model's T), got {steps!r}")
-        if not math.isfinite(spec.eta) or spec.eta < 0:
-            raise InvalidSpec(f"eta must be a finite number >= 0, got {spec.eta!r}")
-        if spec.eta and spec.sampler != "ddim":
-            raise InvalidSpec("eta applies to the ddim sampler only")
-        if spec.seed is not None and not (isinstance(spec.seed, int) and 0 <= spec.seed < MAX_SEED):
-            raise InvalidSpec(f"seed must be an integer in [0, 2**63), got {spec.seed!r}")
-        if not isinstance(spec.preview_every, int) or spec.preview_every < 0:
-            raise InvalidSpec(f"preview_every must be an integer >= 0 (0: no previews), got {spec.preview_every!r}")
-        unknown = set(spec.preview_kinds) - set(FRAME_KINDS)
-        if unknown:
-            raise InvalidSpec(f"unknown preview kinds {sorted(unknown)}; choose from {list(FRAME_KINDS)}")
-        if spec.timeout_s is not None and not spec.timeout_s > 0:
-            raise InvalidSpec(f"timeout_s must be > 0, got {spec.timeout_s!r}")
-        return self._runner.plan(spec.sampler, steps, float(spec.eta))
 
     def _retry_after_s(self, images: int) -> float:
         """Roughly when `images` more would fit: the excess over the queue limit, drained at
@@ -310,7 +277,7 @@ class Engine:
                     self._waiting.popleft()
             self._waiting_images -= plan.admitted
         for request in started:
-            self._publisher.send(request.channel, Started(request.id))
+            self._publisher.send(request.channel, Started(id=request.id))
             self.observer.on_start(request.started_at - request.submitted_at)
         return self._running[: plan.run]
 
@@ -357,8 +324,8 @@ class Engine:
                 self._complete(request, now)
             elif now - request.last_progress_at >= self.config.progress_interval_s:
                 request.last_progress_at = now
-                self._publisher.send(request.channel, Progress(request.id, request.step, request.total,
-                                                               self._eta_s(request)))
+                self._publisher.send(request.channel, Progress(id=request.id, step=request.step, total=request.total,
+                                                               eta_s=self._eta_s(request)))
         if any_finished:
             self._running = [lane for lane in self._running if not lane.finished]
 
@@ -385,7 +352,7 @@ class Engine:
         with self._lock:
             del self._requests[request.id]
             request.state = RequestState.SUCCEEDED
-        self._publisher.send(request.channel, Progress(request.id, request.total, request.total, 0.0))
+        self._publisher.send(request.channel, Progress(id=request.id, step=request.total, total=request.total, eta_s=0.0))
         timings = {
             "queue_s": request.started_at - request.submitted_at,
             "run_s": now - request.started_at,
@@ -411,5 +378,5 @@ class Engine:
         if request.lanes:
             self._running = [lane for lane in self._running if lane.request is not request]
         self._publisher.forget(request)
-        self._publisher.send(request.channel, Failed(request.id, code, message))
+        self._publisher.send(request.channel, Failed(id=request.id, code=code, message=message))
         self.observer.on_finish(OUTCOME_OF_CODE.get(code, "failed"), time.monotonic() - request.submitted_at)

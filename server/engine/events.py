@@ -14,7 +14,7 @@ import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from .types import Done, Event, Failed, Frame, GenerationFailed, GenerationSpec
+from server.contract import Done, Event, Failed, Frame, GenerationFailed, ValidSpec
 
 TERMINAL = (Done, Failed)
 
@@ -72,7 +72,7 @@ class EventChannel:
 class RequestHandle:
     """What `Engine.submit` returns: the request's id and seed, its events and its result."""
 
-    def __init__(self, request_id: str, seed: int, spec: GenerationSpec, channel: EventChannel,
+    def __init__(self, request_id: str, seed: int, spec: ValidSpec, channel: EventChannel,
                  cancel: Callable[[str], bool]):
         self.id = request_id
         self.seed = seed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,10 +21,12 @@ import torch
 from PIL import Image
 
 from model.data import to_uint8
+from server.contract import Done, Event, Failed, Frame, FrameKind, GeneratedImage
 
 from .events import EventChannel
 from .request import Request
-from .types import Done, Event, Failed, Frame, FrameKind, GeneratedImage
+
+log = logging.getLogger(__name__)
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -103,21 +106,26 @@ class Publisher:
 
     def _encode_frames(self, request: Request, pending: PendingFrames) -> None:
         channel, total = request.channel, request.total
-        frames = [
-            (channel, Frame(request.id, step, total, index, kind, to_png(image)))
-            for (index, kind), (step, image) in sorted(pending.take().items())
-        ]
+        try:
+            frames = [
+                (channel, Frame(id=request.id, step=step, total=total, index=index, kind=kind, png=to_png(image)))
+                for (index, kind), (step, image) in sorted(pending.take().items())
+            ]
+        except Exception:  # previews are best effort: the request goes on, but say why they stopped
+            log.exception("encoding preview frames of request %s failed", request.id)
+            return
         self._deliver(frames)
 
     def _encode_done(self, request: Request, timings: dict[str, float]) -> None:
         try:
             images = [
-                GeneratedImage(index, request.image_seed(index), to_png(request.finals[index]))
+                GeneratedImage(index=index, seed=request.image_seed(index), png=to_png(request.finals[index]))
                 for index in range(request.spec.n)
             ]
-            outcome: Event = Done(request.id, request.seed, images, timings)
+            outcome: Event = Done(id=request.id, seed=request.seed, images=images, timings=timings)
         except Exception as exc:  # never leave an accepted request without its end
-            outcome = Failed(request.id, "internal", f"encoding the images failed: {exc!r}")
+            log.exception("encoding the images of request %s failed", request.id)
+            outcome = Failed(id=request.id, code="internal", message=f"encoding the images failed: {exc!r}")
         self._deliver([(request.channel, outcome)])
 
 

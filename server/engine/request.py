@@ -14,8 +14,9 @@ import torch
 
 from model.samplers import SamplingPlan, image_generator, image_seed
 
+from server.contract import RequestState, ValidSpec
+
 from .events import EventChannel
-from .types import GenerationSpec, RequestState
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,10 @@ class Request:
     """Everything the engine knows about one accepted request. Owned by the engine thread,
     except the fields `status` reads under the engine's lock and the cancel flag."""
 
-    def __init__(self, request_id: str, spec: GenerationSpec, seed: int, plan: LanePlan,
-                 timeout_s: float, channel: EventChannel):
+    def __init__(self, request_id: str, spec: ValidSpec, plan: LanePlan, timeout_s: float, channel: EventChannel):
         self.id = request_id
         self.spec = spec
-        self.seed = seed
+        self.seed = spec.seed
         self.plan = plan
         self.channel = channel
         self.submitted_at = time.monotonic()

@@ -24,10 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
-from typing import Literal, get_args
 
-Policy = Literal["continuous", "static", "sequential"]
-POLICIES: tuple[str, ...] = get_args(Policy)
+from server.contract import POLICIES, Policy
 
 
 @dataclass(frozen=True)

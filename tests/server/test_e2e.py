@@ -62,7 +62,7 @@ def test_stream_sends_frames_then_the_final_images(client):
     frames = [e for e in events if e["type"] == "frame"]
     assert {(f["index"], f["kind"]) for f in frames} == {(0, "x_t"), (0, "x0"), (1, "x_t"), (1, "x0")}
     assert all(decode(f["png"]).shape == (28, 28) for f in frames)
-    assert [image["index"] for image in events[-1]["images"]] == [0, 1]
+    assert [image["index"] for image in events[-1]["data"]] == [0, 1]
 
 
 def test_job_lifecycle_with_concurrent_requests(client, tiny_ddpm):

@@ -21,7 +21,8 @@ def serve_fake(engine_kwargs: dict | None = None, **settings) -> Iterator[tuple[
     engines: list[FakeEngine] = []
 
     def factory(settings, observer):
-        engines.append(FakeEngine(observer=observer, **(engine_kwargs or {})))
+        engines.append(FakeEngine(observer, max_images_per_request=settings.max_images_per_request,
+                                  **(engine_kwargs or {})))
         return engines[0]
 
     app = create_app(Settings(weights="unused.safetensors", **settings), engine_factory=factory)

@@ -15,21 +15,23 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from server.engine.types import (
+from server.contract import (
     Done,
     EngineClosed,
+    EngineObserver,
     Failed,
     Frame,
     GeneratedImage,
     GenerationFailed,
-    GenerationSpec,
-    InvalidSpec,
+    ModelInfo,
     Progress,
     Queued,
     QueueFull,
+    RequestLimits,
     RequestState,
     RequestStatus,
     Started,
+    ValidSpec,
 )
 
 
@@ -43,7 +45,7 @@ def tiny_png(value: int) -> bytes:
 class FakeHandle:
     id: str
     seed: int
-    spec: GenerationSpec
+    spec: ValidSpec
     state: RequestState = RequestState.QUEUED
     step: int = 0
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -73,8 +75,10 @@ class FakeHandle:
 
 
 class FakeEngine:
-    def __init__(self, num_timesteps: int = 50, step_s: float = 0.0, max_queue: int = 64, observer=None):
+    def __init__(self, observer: EngineObserver, num_timesteps: int = 50, step_s: float = 0.0, max_queue: int = 64,
+                 max_images_per_request: int = 16):
         self.num_timesteps, self.step_s, self.max_queue = num_timesteps, step_s, max_queue
+        self.limits = RequestLimits(num_timesteps, max_images_per_request)
         self.observer = observer
         self.gate = asyncio.Event()
         self.gate.set()
@@ -100,17 +104,15 @@ class FakeEngine:
     def queued_images(self) -> int:
         return sum(h.spec.n for h in self.handles.values() if h.state == RequestState.QUEUED)
 
-    def submit(self, spec: GenerationSpec) -> FakeHandle:
+    def submit(self, spec: ValidSpec) -> FakeHandle:
+        assert isinstance(spec, ValidSpec) and spec.limits == self.limits
         if self.closing:
             self.observer.on_reject("closed")
             raise EngineClosed("shutting down")
-        if spec.steps is not None and spec.steps > self.num_timesteps:
-            self.observer.on_reject("invalid")
-            raise InvalidSpec(f"steps must be between 1 and {self.num_timesteps}")
         if self.queued_images() + spec.n > self.max_queue:
             self.observer.on_reject("queue_full")
             raise QueueFull(retry_after_s=2.5)
-        handle = FakeHandle(id=f"req-{next(self.ids)}", seed=spec.seed if spec.seed is not None else 1234, spec=spec)
+        handle = FakeHandle(id=f"req-{next(self.ids)}", seed=spec.seed, spec=spec)
         self.handles[handle.id] = handle
         self.observer.on_submit(spec.n)
         task = asyncio.get_running_loop().create_task(self.run(handle))
@@ -120,28 +122,31 @@ class FakeEngine:
 
     async def run(self, handle: FakeHandle) -> None:
         submitted, spec = time.perf_counter(), handle.spec
-        total = spec.steps or self.num_timesteps
-        handle.queue.put_nowait(Queued(handle.id, position=len(self.handles) - 1))
+        total = spec.steps
+        handle.queue.put_nowait(Queued(id=handle.id, position=len(self.handles) - 1))
         await self.gate.wait()
         if handle.cancelled:
-            return self.finish(handle, Failed(handle.id, "shutdown" if self.closing else "cancelled", "cancelled"))
+            return self.finish(handle, Failed(id=handle.id, code="shutdown" if self.closing else "cancelled",
+                                              message="cancelled"))
         handle.state = RequestState.RUNNING
         self.observer.on_start(time.perf_counter() - submitted)
-        handle.queue.put_nowait(Started(handle.id))
+        handle.queue.put_nowait(Started(id=handle.id))
         for step in range(1, total + 1):
             await asyncio.sleep(self.step_s)
             if handle.cancelled:
                 code = "shutdown" if self.closing else "cancelled"
-                return self.finish(handle, Failed(handle.id, code, "cancelled at step boundary"))
+                return self.finish(handle, Failed(id=handle.id, code=code, message="cancelled at step boundary"))
             handle.step = step
             self.observer.on_step(spec.n, self.step_s, spec.n, self.queued_images())
-            handle.queue.put_nowait(Progress(handle.id, step, total, eta_s=(total - step) * self.step_s))
+            handle.queue.put_nowait(Progress(id=handle.id, step=step, total=total, eta_s=(total - step) * self.step_s))
             if spec.preview_every and step % spec.preview_every == 0:
                 for index, kind in itertools.product(range(spec.n), spec.preview_kinds):
-                    handle.queue.put_nowait(Frame(handle.id, step, total, index, kind, tiny_png(step % 256)))
-        images = [GeneratedImage(i, seed=handle.seed * 1000 + i, png=tiny_png(i)) for i in range(spec.n)]
+                    handle.queue.put_nowait(Frame(id=handle.id, step=step, total=total, index=index, kind=kind,
+                                                       png=tiny_png(step % 256)))
+        images = [GeneratedImage(index=i, seed=handle.seed * 1000 + i, png=tiny_png(i)) for i in range(spec.n)]
         total_s = time.perf_counter() - submitted
-        self.finish(handle, Done(handle.id, handle.seed, images, {"queue_s": 0.0, "run_s": total_s, "total_s": total_s}))
+        timings = {"queue_s": 0.0, "run_s": total_s, "total_s": total_s}
+        self.finish(handle, Done(id=handle.id, seed=handle.seed, images=images, timings=timings))
 
     def finish(self, handle: FakeHandle, event: Done | Failed) -> None:
         handle.ended = event
@@ -161,12 +166,11 @@ class FakeEngine:
         if handle is None:
             return None
         queued = handle.state == RequestState.QUEUED
-        return RequestStatus(handle.id, handle.state, 0 if queued else None, handle.step,
-                             handle.spec.steps or self.num_timesteps, None, handle.spec.owner)
+        return RequestStatus(handle.id, handle.state, 0 if queued else None, handle.step, handle.spec.steps, None,
+                             handle.spec.owner)
 
-    def model_info(self) -> dict:
-        return {"config": {}, "num_parameters": 1, "image_shape": [1, 2, 2], "num_timesteps": self.num_timesteps,
-                "dataset": "fake", "samplers": ["ddim", "ddpm"]}
-
-    def stats(self) -> dict:
-        return {"queue_depth": self.queued_images(), "running_lanes": 0, "running_requests": 0, "steps_per_s": 0.0}
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(config={}, num_parameters=1, image_shape=(1, 2, 2), num_timesteps=self.num_timesteps,
+                         dataset="fake", info={}, device="none", samplers=["ddim", "ddpm"], policy="continuous",
+                         limits=self.limits, max_batch=8, max_queue=self.max_queue, max_preview_fps=10.0,
+                         default_timeout_s=60.0)

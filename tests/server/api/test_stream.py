@@ -33,7 +33,7 @@ def test_stream_sends_queued_started_progress_frames_done(client):
     assert [(f["step"], f["index"], f["kind"]) for f in frames] == [(2, 0, "x0"), (2, 1, "x0"), (4, 0, "x0"), (4, 1, "x0")]
     assert base64.b64decode(frames[0]["png"]).startswith(b"\x89PNG")
     done = events[-1]
-    assert done["seed"] == 3 and [image["seed"] for image in done["images"]] == [3000, 3001]
+    assert done["seed"] == 3 and [image["seed"] for image in done["data"]] == [3000, 3001]
 
 
 def test_no_frames_unless_asked(client):
@@ -132,7 +132,8 @@ def test_full_queue_is_an_error_event_and_try_again_later():
             websocket.send_json({"steps": 1})
             events, code = receive_all(websocket)
         engine.gate.set()
-    assert code == 1013 and events == [{"type": "error", "code": "queue_full", "message": events[0]["message"]}]
+    message = events[0]["message"]
+    assert code == 1013 and events == [{"type": "error", "id": None, "code": "queue_full", "message": message}]
 
 
 def test_other_clients_keep_being_served_after_a_bad_one(client):
@@ -140,3 +141,14 @@ def test_other_clients_keep_being_served_after_a_bad_one(client):
         websocket.send_text("{{{")
         receive_all(websocket)
     assert client.post("/generate", json={"steps": 1}).status_code == 200
+
+
+def test_the_done_event_is_the_http_response_body(client):
+    """One event, one JSON shape: the WebSocket's done is what POST /generate returns."""
+    body = client.post("/generate", json={"n": 2, "steps": 2, "seed": 3}).json()
+    with client.websocket_connect("/ws/generate") as websocket:
+        websocket.send_json({"n": 2, "steps": 2, "seed": 3})
+        events, _ = receive_all(websocket)
+    done = events[-1]
+    assert done.keys() == body.keys() >= {"type", "id", "created", "seed", "data", "timings"}
+    assert done["type"] == body["type"] == "done" and done["data"] == body["data"]

@@ -16,7 +16,9 @@ from PIL import Image
 
 import model
 from model.data import to_uint8
-from server.engine import Done, Engine, EngineConfig
+from server.contract import Done, EngineConfig, GenerationSpec, validate
+from server.engine import Engine
+from server.engine.events import RequestHandle
 
 
 class ControlledUNet(torch.nn.Module):
@@ -67,6 +69,11 @@ async def running_engine(ddpm: model.DDPM, config: EngineConfig = EngineConfig()
         if isinstance(ddpm.unet, ControlledUNet):
             ddpm.unet.gate.set()
         await engine.shutdown(grace_s=0)
+
+
+def submit(engine: Engine, spec: GenerationSpec) -> RequestHandle:
+    """Validates `spec` against the engine's limits, as the API does, and submits it."""
+    return engine.submit(validate(spec, engine.model_info().limits))
 
 
 def run(coroutine, timeout_s: float = 120.0):

@@ -3,15 +3,15 @@
 import pytest
 
 from model.samplers import image_seed
-from server.engine import EngineConfig, GenerationSpec, Progress
+from server.contract import EngineConfig, GenerationSpec, Progress
 
-from .conftest import assert_images_match, run, running_engine
+from .conftest import assert_images_match, run, running_engine, submit
 
 
 def test_a_request_alone_matches_ddpm_sample(tiny_ddpm):
     async def body():
         async with running_engine(tiny_ddpm) as engine:
-            handle = engine.submit(GenerationSpec(n=2, seed=11))
+            handle = submit(engine, GenerationSpec(n=2, seed=11))
             return handle, await handle.result()
 
     handle, done = run(body())
@@ -22,7 +22,7 @@ def test_a_request_alone_matches_ddpm_sample(tiny_ddpm):
 def test_the_engine_picks_and_reports_a_seed_when_none_is_given(tiny_ddpm):
     async def body():
         async with running_engine(tiny_ddpm) as engine:
-            handle = engine.submit(GenerationSpec(n=1, steps=5, sampler="ddim"))
+            handle = submit(engine, GenerationSpec(n=1, steps=5, sampler="ddim"))
             return handle, await handle.result()
 
     handle, done = run(body())
@@ -41,12 +41,12 @@ def test_lanes_at_different_steps_and_samplers_share_batches_without_changing_im
 
     async def body():
         async with running_engine(tiny_ddpm, EngineConfig(max_batch=4)) as engine:
-            first = engine.submit(specs["A"])
+            first = submit(engine, specs["A"])
             events = first.events()
             async for event in events:
                 if isinstance(event, Progress) and event.step >= 10:
                     break
-            later = {name: engine.submit(specs[name]) for name in ("B", "C")}
+            later = {name: submit(engine, specs[name]) for name in ("B", "C")}
             return {"A": await first.result(), **{name: await h.result() for name, h in later.items()}}
 
     results = run(body())
@@ -61,7 +61,7 @@ def test_every_policy_computes_the_same_images(tiny_ddpm, policy):
 
     async def body():
         async with running_engine(tiny_ddpm, EngineConfig(max_batch=4, policy=policy)) as engine:
-            handles = [engine.submit(spec) for spec in specs]
+            handles = [submit(engine, spec) for spec in specs]
             return [await handle.result() for handle in handles]
 
     for spec, done in zip(specs, run(body())):
@@ -71,6 +71,6 @@ def test_every_policy_computes_the_same_images(tiny_ddpm, policy):
 def test_image_seeds_are_reported_per_image(tiny_ddpm):
     async def body():
         async with running_engine(tiny_ddpm) as engine:
-            return await engine.submit(GenerationSpec(n=3, steps=2, sampler="ddim", seed=9)).result()
+            return await submit(engine, GenerationSpec(n=3, steps=2, sampler="ddim", seed=9)).result()
 
     assert [image.seed for image in run(body()).images] == [image_seed(9, i) for i in range(3)]

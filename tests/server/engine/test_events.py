@@ -4,14 +4,14 @@ import asyncio
 
 import pytest
 
+from server.contract import Done, Failed, Frame, Progress, Queued, Started
 from server.engine.events import EventChannel
-from server.engine.types import Done, Failed, Frame, Progress, Queued, Started
 
 from .conftest import run
 
 
 def frame(step: int, index: int = 0, kind: str = "x_t") -> Frame:
-    return Frame("r", step, 10, index, kind, b"png")
+    return Frame(id="r", step=step, total=10, index=index, kind=kind, png=b"png")
 
 
 async def drain(channel: EventChannel) -> list:
@@ -21,13 +21,13 @@ async def drain(channel: EventChannel) -> list:
 def test_a_slow_consumer_gets_only_the_latest_frame_per_image_and_kind():
     async def body():
         channel = EventChannel(asyncio.get_running_loop())
-        channel.put(Queued("r", 0))
-        channel.put(Started("r"))
+        channel.put(Queued(id="r", position=0))
+        channel.put(Started(id="r"))
         for step in (1, 2, 3):
             channel.put(frame(step, index=0))
-            channel.put(Progress("r", step, 10, None))
+            channel.put(Progress(id="r", step=step, total=10, eta_s=None))
             channel.put(frame(step, index=1))
-        channel.put(Done("r", 1, []))
+        channel.put(Done(id="r", seed=1, images=[]))
         return await drain(channel)
 
     events = run(body())
@@ -40,10 +40,10 @@ def test_a_slow_consumer_gets_only_the_latest_frame_per_image_and_kind():
 def test_events_after_the_end_are_ignored_and_the_outcome_is_set():
     async def body():
         channel = EventChannel(asyncio.get_running_loop())
-        failure = Failed("r", "cancelled", "cancelled by the client")
+        failure = Failed(id="r", code="cancelled", message="cancelled by the client")
         channel.put(failure)
         channel.put(frame(1))
-        channel.put(Progress("r", 1, 10, None))
+        channel.put(Progress(id="r", step=1, total=10, eta_s=None))
         assert channel.outcome.result() is failure
         return await drain(channel)
 
@@ -54,8 +54,8 @@ def test_the_consumer_waits_for_events_put_later():
     async def body():
         loop = asyncio.get_running_loop()
         channel = EventChannel(loop)
-        loop.call_later(0.01, channel.put, Started("r"))
-        loop.call_later(0.02, channel.put, Done("r", 1, []))
+        loop.call_later(0.01, channel.put, Started(id="r"))
+        loop.call_later(0.02, channel.put, Done(id="r", seed=1, images=[]))
         return await drain(channel)
 
     assert [type(e).__name__ for e in run(body())] == ["Started", "Done"]
@@ -64,7 +64,7 @@ def test_the_consumer_waits_for_events_put_later():
 def test_events_can_be_consumed_once():
     async def body():
         channel = EventChannel(asyncio.get_running_loop())
-        channel.put(Done("r", 1, []))
+        channel.put(Done(id="r", seed=1, images=[]))
         await drain(channel)
         with pytest.raises(RuntimeError, match="only once"):
             await drain(channel)
