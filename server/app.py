@@ -7,6 +7,7 @@ shutdown drains it (running work finishes within `shutdown_grace_s`; new work ge
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
@@ -73,6 +74,14 @@ def real_engine_factory(ddpm: model.DDPM | None = None, torch_threads: int | Non
         return Engine(ddpm or load_model(settings), settings.engine_config(threads), observer)
 
     return build
+
+
+async def drain(app: FastAPI) -> None:
+    """Stop taking work and let running work finish within the grace period (see cli.DrainingServer);
+    returns once every accepted request has ended and its handler has had a moment to answer."""
+    state: ServerState = app.state.server
+    await state.engine.shutdown(state.settings.shutdown_grace_s)
+    await asyncio.sleep(0.1)  # let the routes write the outcomes the engine just delivered
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:

@@ -8,15 +8,21 @@ process with one line on stderr and exit status 1, not a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import typing
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from server.api.errors import describe_validation_errors
-from server.app import StartupError, create_app, load_model, real_engine_factory, reserve_cores_for_engine
+from server.app import StartupError, create_app, drain, load_model, real_engine_factory, reserve_cores_for_engine
 from server.settings import Settings
+
+# After the engine has drained, what uvicorn waits for: responses already decided being written.
+FLUSH_TIMEOUT_S = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +44,39 @@ def settings_from(argv: list[str] | None) -> Settings:
     return Settings(**flags)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM (or Ctrl-C) drains the engine before uvicorn stops.
+
+    Left to itself, uvicorn closes every WebSocket at once (1012) and cancels running HTTP
+    requests after its timeout, and then the engine drains for a second grace period. Here
+    /readyz turns 503 at once, queued work is refused with 503 `shutdown`, running work gets one
+    grace period (`--shutdown-grace-s`), then what is left ends with a `shutdown` error (WebSockets
+    close 1001); only then does uvicorn stop, and the process exits 0. A second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or not self.started or self.loop is None:
+            return super().handle_exit(sig, frame)
+        self.draining = True  # a signal handler: hand the work to the loop
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.drain_then_exit()))
+
+    async def drain_then_exit(self) -> None:
+        try:
+            await drain(self.app)
+        finally:
+            self.should_exit = True
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(argv)
@@ -50,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpm-serve: error: {exc}", file=sys.stderr)
         return 1
     app = create_app(settings, engine_factory=real_engine_factory(ddpm, torch_threads))
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         ws_max_size=settings.max_body_bytes,
     )
+    DrainingServer(config, app).run()
     return 0
 
 

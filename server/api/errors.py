@@ -35,7 +35,7 @@ def api_error_for(exc: Exception) -> ApiError:
         retry_after = str(max(1, math.ceil(exc.retry_after_s)))
         return ApiError(429, "queue_full", str(exc), {"Retry-After": retry_after})
     if isinstance(exc, EngineClosed):
-        return ApiError(503, "shutting_down", "the server is shutting down; retry on another replica")
+        return ApiError(503, "shutdown", "the server is shutting down; retry on another replica")
     if isinstance(exc, InvalidSpec):
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, GenerationFailed):

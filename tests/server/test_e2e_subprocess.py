@@ -3,6 +3,7 @@ ddpm-generate, disconnect-cancels, and a graceful SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -11,8 +12,11 @@ import httpx
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from server.client import DDPMClient, DDPMError, main as ddpm_generate
+from server.settings import SHIPPED_WEIGHTS
 from tests.server.api.live_server import run_server
 
 KEY = "test-key-0123456789"
@@ -102,8 +106,49 @@ def test_sigterm_finishes_running_work_then_exits_cleanly(tiny_weights, tmp_path
             time.sleep(0.05)
         server.process.send_signal(signal.SIGTERM)
         worker.join(timeout=120)
-        # uvicorn re-raises the signal once its graceful shutdown is over, as supervisors expect
-        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
     assert outcome["response"].status_code == 200
     assert len(outcome["response"].json()["data"]) == 2
     assert "Traceback" not in server.output()
+
+
+def test_sigterm_refuses_queued_work_and_ends_running_work_after_one_grace_period(tmp_path):
+    """One grace period for everything: /readyz 503 at once, the queued request 503 `shutdown`
+    at once, the running WebSocket an error event and a 1001 close when the grace is over, exit 0."""
+    grace_s = 2.0
+    with run_server(SHIPPED_WEIGHTS, tmp_path, "--shutdown-grace-s", str(grace_s), "--max-batch", "1") as server:
+        with connect(server.url.replace("http", "ws") + "/ws/generate") as websocket:
+            websocket.send(json.dumps({"n": 1, "steps": 1000, "seed": 1}))  # ~10 s on this CPU
+            assert [json.loads(websocket.recv())["type"] for _ in range(2)] == ["queued", "started"]
+            outcome = {}
+            queued = threading.Thread(target=lambda: outcome.update(
+                response=httpx.post(server.url + "/generate", json={"steps": 1000}, timeout=60)))
+            queued.start()
+            wait_for(lambda: metric(server, "ddpm_images_submitted_total") == 2)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            ready = httpx.get(server.url + "/readyz", timeout=5)
+            queued.join(timeout=10)
+            refused_after_s = time.monotonic() - signalled
+            events = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    events.append(json.loads(websocket.recv(timeout=30)))
+            ended_after_s = time.monotonic() - signalled
+        status = server.process.wait(timeout=30)
+        exited_after_s = time.monotonic() - signalled
+    assert ready.status_code == 503
+    assert outcome["response"].status_code == 503 and outcome["response"].json()["error"]["code"] == "shutdown"
+    assert refused_after_s < grace_s
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "shutdown"
+    assert closed.value.rcvd.code == 1001
+    assert grace_s <= ended_after_s < grace_s + 3
+    assert status == 0 and exited_after_s < grace_s + 8
+    assert "Traceback" not in server.output()
+
+
+def wait_for(predicate, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)

@@ -126,7 +126,7 @@ def test_shutting_down_is_503(served):
     engine.closing = True
     response = client.post("/generate", json={"steps": 2})
     assert response.status_code == 503
-    assert response.json()["error"]["code"] == "shutting_down"
+    assert response.json()["error"]["code"] == "shutdown"
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
 
