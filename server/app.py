@@ -8,6 +8,7 @@ shutdown drains it (running work finishes within `shutdown_grace_s`; new work ge
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
@@ -27,6 +28,8 @@ from server.settings import Settings
 if TYPE_CHECKING:
     import model
 
+log = logging.getLogger(__name__)
+
 # (settings, observer) -> an engine. The real one by default; tests pass a fake.
 EngineFactory = Callable[[Settings, EngineObserver], EngineClient]
 
@@ -35,14 +38,39 @@ class StartupError(RuntimeError):
     """The server cannot start (missing or unreadable weights...); the message is one line."""
 
 
+def usable_device(name: str) -> str:
+    """The device to serve on (auto: cuda if this torch sees a GPU, else cpu), or a StartupError
+    that names the device problem, before any weights are read."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StartupError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StartupError(f"device {name!r}, but this torch {torch.__version__} sees no CUDA GPU "
+                               f"(a CPU-only build, no GPU visible, or a driver older than its CUDA)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StartupError(f"device {name!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise StartupError(f"device {name!r}, but MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise StartupError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
 def load_model(settings: Settings) -> model.DDPM:
     import model  # torch loads here, not when the API modules are imported
 
     path = settings.weights
     if not path.exists():
         raise StartupError(f"weights not found: {path} (set --weights or DDPM_WEIGHTS)")
+    device = usable_device(settings.device)
     try:
-        return model.load(path, settings.resolved_device())
+        return model.load(path, device)
     except Exception as exc:  # any failure to read a user's file is a start-up error, not a traceback
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StartupError(f"cannot load weights {path}: {reason}") from exc
@@ -95,7 +123,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         await engine.start()
         slots = OwnerSlots(settings.max_concurrent_per_key)
         jobs = JobStore(engine, slots, settings.job_ttl_s, settings.max_jobs)
-        app.state.server = ServerState(settings, engine, metrics, engine.model_info().limits, jobs, slots)
+        info = engine.model_info()
+        app.state.server = ServerState(settings, engine, metrics, info.limits, jobs, slots)
+        log.info("serving %s: %s %s, %.2fM parameters, T=%d, on %s; max batch %d, %s batching",
+                 settings.weights, info.dataset or "model", "x".join(map(str, info.image_shape)),
+                 info.num_parameters / 1e6, info.num_timesteps, info.device, info.max_batch, info.policy)
         try:
             yield
         finally:

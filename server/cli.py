@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import socket
 import sys
 import typing
 from types import FrameType
@@ -77,9 +79,35 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+class WithoutQuery(logging.Filter):
+    """Access-log lines without query strings: whatever a client puts in a URL stays out of logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5:  # uvicorn: client, method, path, version, status
+            client, method, path, version, status = record.args
+            record.args = (client, method, str(path).split("?", 1)[0], version, status)
+        return True
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the weights load: a busy port fails in a second, not after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 after a clean stop, 1 when the server cannot start (weights, device, port),
+    2 for invalid options."""
     try:
         settings = settings_from(argv)
+        sock = listen(settings.host, settings.port)
         torch_threads = reserve_cores_for_engine(settings)
         ddpm = load_model(settings)
     except ValidationError as exc:
@@ -97,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         ws_max_size=settings.max_body_bytes,
     )
-    DrainingServer(config, app).run()
+    # uvicorn configures its own loggers in Config(); ours (the server.* modules) print the same way.
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(WithoutQuery())
+    DrainingServer(config, app).run(sockets=[sock])
     return 0
 
 

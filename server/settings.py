@@ -85,13 +85,6 @@ class Settings(BaseSettings):
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
 
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch  # only here: the API layer itself never needs torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def key_id(api_key: str) -> str:
     """A stable, non-secret name for a key: jobs, limits and logs carry this, never the key."""

@@ -4,12 +4,16 @@
     server -> queued, started, progress..., frame..., done | error, then closes
     client -> {"type": "cancel"} at any time; closing the socket also cancels.
 
+With API keys: `Authorization: Bearer <key>`, or (browsers) the subprotocols "ddpm" and
+"bearer.<base64url(key)>"; never in the URL.
+
 A malformed message gets an `error` event and a 1008 (policy violation) close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -28,19 +32,37 @@ FIRST_MESSAGE_TIMEOUT_S = 30.0
 NORMAL, GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER = 1000, 1001, 1008, 1013
 
 
+# Browsers cannot set headers on a WebSocket, and a key in the URL ends up in access logs: the
+# page offers the subprotocols "ddpm" and "bearer.<base64url(key)>", and the server selects "ddpm".
+SUBPROTOCOL = "ddpm"
+KEY_SUBPROTOCOL_PREFIX = "bearer."
+
+
+def subprotocol_key(offered: list[str]) -> str | None:
+    for protocol in offered:
+        if protocol.startswith(KEY_SUBPROTOCOL_PREFIX):
+            encoded = protocol.removeprefix(KEY_SUBPROTOCOL_PREFIX)
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (ValueError, UnicodeDecodeError):
+                return None  # not a key we could have issued: refused as unknown
+    return None
+
+
 class ProtocolError(Exception):
     """The client sent something that is not this protocol."""
 
 
 @router.websocket("/ws/generate")
 async def stream(websocket: WebSocket, state: State) -> None:
+    offered = websocket.scope.get("subprotocols", [])
     try:
-        presented = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+        presented = bearer_token(websocket.headers.get("authorization")) or subprotocol_key(offered)
         owner = identify(state.settings, presented)
     except ApiError as exc:
         await deny(websocket, exc)
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     try:
         request = await receive_request(websocket, state.settings.max_body_bytes)
         spec = state.accept(request.to_spec(owner, state.settings.default_preview_every))

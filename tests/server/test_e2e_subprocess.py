@@ -152,3 +152,11 @@ def wait_for(predicate, timeout_s: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def test_the_log_names_the_model_and_keeps_urls_without_queries(tiny_weights, tmp_path):
+    with run_server(tiny_weights, tmp_path, "--log-level", "info") as server:
+        assert httpx.get(server.url + "/readyz?token=secret-in-the-url").status_code == 200
+        output = server.output()
+    assert "serving " in output and "T=50" in output and "on cpu" in output
+    assert '"GET /readyz HTTP/1.1" 200' in output and "secret-in-the-url" not in output

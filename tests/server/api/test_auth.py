@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from starlette.testclient import WebSocketDenialResponse
 
@@ -49,17 +51,27 @@ def test_per_key_limit_on_open_requests():
         engine.gate.set()
 
 
-def test_websocket_takes_the_key_as_header_or_token(auth_client):
-    for url, headers in [("/ws/generate", bearer(ALICE)), (f"/ws/generate?token={BOB}", {})]:
-        with auth_client.websocket_connect(url, headers=headers) as websocket:
+def key_subprotocols(key: str) -> list[str]:
+    return ["ddpm", "bearer." + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")]
+
+
+def test_websocket_takes_the_key_as_header_or_subprotocol(auth_client):
+    for headers, subprotocols, selected in [(bearer(ALICE), [], None), ({}, key_subprotocols(BOB), "ddpm")]:
+        with auth_client.websocket_connect("/ws/generate", headers=headers, subprotocols=subprotocols) as websocket:
+            assert websocket.accepted_subprotocol == selected
             websocket.send_json({"steps": 1})
             assert websocket.receive_json()["type"] == "queued"
 
 
-@pytest.mark.parametrize("url", ["/ws/generate", "/ws/generate?token=wrong"])
-def test_websocket_without_a_valid_key_is_refused_401(auth_client, url):
+@pytest.mark.parametrize("url, subprotocols", [
+    ("/ws/generate", []),
+    ("/ws/generate", key_subprotocols("wrong")),
+    ("/ws/generate", ["ddpm", "bearer.%%%"]),
+    (f"/ws/generate?token={ALICE}", []),  # keys never travel in URLs (access logs keep URLs)
+])
+def test_websocket_without_a_valid_key_is_refused_401(auth_client, url, subprotocols):
     with pytest.raises(WebSocketDenialResponse) as refused:
-        with auth_client.websocket_connect(url):
+        with auth_client.websocket_connect(url, subprotocols=subprotocols):
             pass
     assert refused.value.status_code == 401
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import cli
@@ -106,10 +109,34 @@ def test_flags_override_env(monkeypatch):
 def test_unloadable_weights_end_startup_with_one_line(tmp_path, capsys, make_weights, message):
     path = tmp_path / "model.safetensors"
     make_weights(path)
-    assert cli.main(["--weights", str(path)]) == 1
+    assert cli.main(["--weights", str(path), "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ddpm-serve: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown device 'tpu'"),
+    ("xla", "not supported"),
+    pytest.param("cuda", "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
+])
+def test_device_problems_are_named_in_one_line(tiny_weights, capsys, device, message):
+    assert cli.main(["--weights", str(tiny_weights), "--device", device, "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm-serve: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_busy_port_fails_before_the_weights_load(tiny_weights, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(cli, "load_model", loaded.append)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["--weights", str(tiny_weights), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"ddpm-serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert not loaded
 
 
 @pytest.mark.parametrize(
