@@ -5,7 +5,15 @@ Each app gets its own CollectorRegistry, so tests can build many apps in one pro
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 # Seconds, from a fast tiny-model step on a GPU to a long 1000-step request on a CPU.
 TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -18,6 +26,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=r)  # python_info
+        self.websockets_open = Gauge("ddpm_websockets_open", "Open WebSocket connections.", registry=r)
         self.queue_depth = Gauge("ddpm_queue_depth_images", "Images waiting to be admitted.", registry=r)
         self.running_lanes = Gauge("ddpm_running_lanes", "Images being denoised.", registry=r)
         self.batch_size = Histogram(
@@ -72,9 +83,11 @@ class PrometheusObserver:
     def on_reject(self, reason: str) -> None:
         self.m.requests_rejected.labels(reason).inc()
 
-    def on_step(self, batch_size: int, step_s: float, running_lanes: int, queue_depth: int) -> None:
+    def on_step(self, batch_size: int, step_s: float) -> None:
         self.m.batch_size.observe(batch_size)
         self.m.step_seconds.observe(step_s)
+
+    def on_load(self, running_lanes: int, queue_depth: int) -> None:
         self.m.running_lanes.set(running_lanes)
         self.m.queue_depth.set(queue_depth)
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from server.api.deps import State, bearer_token, identify
+from server.api.deps import ServerState, State, bearer_token, identify
 from server.api.errors import ApiError, api_error_for, describe_validation_errors, error_json
 from server.api.schemas import StreamRequest
 from server.contract import Done, EngineError, Failed, InvalidSpec, RequestHandle, event_json
@@ -63,6 +63,12 @@ async def stream(websocket: WebSocket, state: State) -> None:
         await deny(websocket, exc)
         return
     await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    with state.metrics.websockets_open.track_inprogress():
+        await serve_stream(websocket, state, owner)
+
+
+async def serve_stream(websocket: WebSocket, state: ServerState, owner: str | None) -> None:
+    """One accepted connection: the request, its events, its end."""
     try:
         request = await receive_request(websocket, state.settings.max_body_bytes)
         spec = state.accept(request.to_spec(owner, state.settings.default_preview_every))
@@ -70,7 +76,7 @@ async def stream(websocket: WebSocket, state: State) -> None:
             handle = state.engine.submit(spec)
             await relay(websocket, handle, state.settings.max_body_bytes)
     except ProtocolError as exc:
-        await send_error_and_close(websocket, "invalid_message", str(exc), POLICY_VIOLATION)
+        await send_error_and_close(websocket, "invalid_request", str(exc), POLICY_VIOLATION)
     except (ApiError, EngineError, InvalidSpec) as exc:
         error = exc if isinstance(exc, ApiError) else api_error_for(exc)
         await send_error_and_close(websocket, error.code, error.message, close_code_for(error))

@@ -69,7 +69,10 @@ class EngineObserver(Protocol):
     def on_reject(self, reason: str) -> None:
         """reason: "queue_full", "closed" or "invalid"."""
 
-    def on_step(self, batch_size: int, step_s: float, running_lanes: int, queue_depth: int) -> None: ...
+    def on_step(self, batch_size: int, step_s: float) -> None: ...
+
+    def on_load(self, running_lanes: int, queue_depth: int) -> None:
+        """Images being denoised and images waiting: after every iteration, idle ones included."""
 
     def on_start(self, queue_wait_s: float) -> None: ...
 
@@ -87,7 +90,10 @@ class NullObserver:
     def on_reject(self, reason: str) -> None:
         pass
 
-    def on_step(self, batch_size: int, step_s: float, running_lanes: int, queue_depth: int) -> None:
+    def on_step(self, batch_size: int, step_s: float) -> None:
+        pass
+
+    def on_load(self, running_lanes: int, queue_depth: int) -> None:
         pass
 
     def on_start(self, queue_wait_s: float) -> None:

@@ -54,6 +54,25 @@ from .scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.25  # how often an idle engine looks at deadlines and the shutdown grace
+COLD_STEP_S = 0.05  # a step's duration before any was measured (a small model on a CPU)
+MAX_RETRY_AFTER_S = 120.0  # past this, "later" is all an estimate can honestly say
+
+
+def retry_after_s(excess: int, running: list[int], waiting: list[int], batch_cap: int, step_s: float) -> float:
+    """Seconds until `excess` more images fit the queue, i.e. until that many waiting images
+    have been admitted. running: steps left per running lane; waiting: steps per waiting image,
+    in queue order. A slot frees when a running lane finishes; past the running lanes, each
+    further batch_cap admissions wait one lifetime of the waiting lanes admitted before."""
+    if excess <= 0:
+        return 1.0
+    running = sorted(running)
+    if excess <= len(running):
+        steps = running[excess - 1]
+    else:
+        rounds = math.ceil((excess - len(running)) / batch_cap)
+        lifetime = sum(waiting) / len(waiting) if waiting else 0
+        steps = (running[-1] if running else 0) + rounds * lifetime
+    return min(MAX_RETRY_AFTER_S, max(1.0, steps * step_s))
 OUTCOME_OF_CODE = {"cancelled": "cancelled", "timeout": "timeout", "shutdown": "shutdown"}
 
 
@@ -79,7 +98,6 @@ class Engine:
         # The engine thread's own.
         self._running: list[Lane] = []  # admission order
         self._step_s = 0.0  # moving average of one step's duration
-        self._lane_steps = float(self._runner.num_timesteps)  # moving average of steps per image
 
     # ---- lifecycle (on the asyncio loop) ----
 
@@ -198,11 +216,12 @@ class Engine:
         }
 
     def _retry_after_s(self, images: int) -> float:
-        """Roughly when `images` more would fit: the excess over the queue limit, drained at
-        the rate lanes finish (batch cap lanes every average lane lifetime)."""
-        excess = self._waiting_images + images - self.config.max_queue
-        lane_lifetime_s = self._lane_steps * (self._step_s or 0.1)
-        return max(1.0, math.ceil(excess / self._scheduler.batch_cap) * lane_lifetime_s)
+        """When `images` more would fit, from the work actually ahead and the measured step time."""
+        running = [len(lane.plan) - lane.cursor for lane in list(self._running)]
+        with self._lock:
+            waiting = [len(request.plan) for request in self._waiting for _ in range(request.lanes_waiting)]
+            excess = self._waiting_images + images - self.config.max_queue
+        return retry_after_s(excess, running, waiting, self._scheduler.batch_cap, self._step_s or COLD_STEP_S)
 
     def _eta_s(self, request: Request) -> float | None:
         return (request.total - request.step) * self._step_s if self._step_s else None
@@ -235,6 +254,7 @@ class Engine:
         if batch:
             self._step(batch)
         self._publisher.flush()
+        self.observer.on_load(len(self._running), self._waiting_images)
         return bool(batch) or self._wait_for_work()
 
     def _wait_for_work(self) -> bool:
@@ -302,7 +322,7 @@ class Engine:
         for lane, x in zip(batch, x_prev):
             lane.advance(x)
         self._publish(batch, x_prev, x0)
-        self.observer.on_step(len(batch), step_s, len(self._running), self._waiting_images)
+        self.observer.on_step(len(batch), step_s)
 
     def _publish(self, batch: Sequence[Lane], x_prev: Sequence[torch.Tensor], x0: Sequence[torch.Tensor]) -> None:
         """After a step: due frames, progress, finished images and requests."""
@@ -359,7 +379,6 @@ class Engine:
             "total_s": now - request.submitted_at,
         }
         self._publisher.send_done(request, timings)
-        self._lane_steps = 0.9 * self._lane_steps + 0.1 * request.total
         self.observer.on_finish("succeeded", timings["total_s"])
 
     def _fail_batch(self, batch: Sequence[Lane], code: str, message: str) -> None:

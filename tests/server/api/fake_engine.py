@@ -137,7 +137,8 @@ class FakeEngine:
                 code = "shutdown" if self.closing else "cancelled"
                 return self.finish(handle, Failed(id=handle.id, code=code, message="cancelled at step boundary"))
             handle.step = step
-            self.observer.on_step(spec.n, self.step_s, spec.n, self.queued_images())
+            self.observer.on_step(spec.n, self.step_s)
+            self.observer.on_load(spec.n, self.queued_images())
             handle.queue.put_nowait(Progress(id=handle.id, step=step, total=total, eta_s=(total - step) * self.step_s))
             if spec.preview_every and step % spec.preview_every == 0:
                 for index, kind in itertools.product(range(spec.n), spec.preview_kinds):

@@ -120,7 +120,7 @@ def test_bad_message_mid_stream_cancels_and_closes_1008(slow_served):
         websocket.send_json({"type": "pause"})
         events, code = receive_all(websocket)
     assert code == 1008
-    assert events[-1]["type"] == "error" and events[-1]["code"] == "invalid_message"
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "invalid_request"
     assert handle.cancelled
 
 

@@ -37,6 +37,7 @@ def test_metrics_count_engine_events_and_http_requests_by_route_template(client)
     assert metrics[("ddpm_step_seconds_count", ())] == 3
     assert metrics[("ddpm_queue_wait_seconds_count", ())] == 1
     assert metrics[("ddpm_requests_rejected_total", (("reason", "invalid"),))] == 1
+    assert metrics[("process_resident_memory_bytes", ())] > 0 and ("ddpm_websockets_open", ()) in metrics
     http = "ddpm_http_requests_total"
     assert metrics[(http, (("method", "POST"), ("route", "/generate"), ("status", "200")))] == 1
     assert metrics[(http, (("method", "POST"), ("route", "/generate"), ("status", "422")))] == 1

@@ -25,6 +25,7 @@ from server.contract import (
     validate,
 )
 from server.engine import Engine
+from server.engine.engine import MAX_RETRY_AFTER_S, retry_after_s
 
 from .conftest import assert_images_match, run, running_engine, submit, wait_until
 
@@ -302,8 +303,9 @@ def test_the_observer_hears_about_every_stage(tiny_ddpm):
             await submit(engine, GenerationSpec(n=2, steps=4, sampler="ddim", preview_every=2)).result()
 
     run(body())
-    names = [name for name, _ in observer.calls]
-    assert names[0] == "on_submit" and observer.calls[0][1] == (2,)
+    calls = [(name, args) for name, args in observer.calls if name != "on_load"]
+    names = [name for name, _ in calls]
+    assert calls[0] == ("on_submit", (2,))
     assert {"on_start", "on_step", "on_first_frame"} <= set(names)
     assert ("on_finish", "succeeded") in [(name, args[0]) for name, args in observer.calls if name == "on_finish"]
     batch_sizes = [args[0] for name, args in observer.calls if name == "on_step"]
@@ -315,7 +317,7 @@ def test_the_engine_thread_runs_torch_with_its_own_thread_count(tiny_ddpm):
     seen = []
 
     class Recorder(NullObserver):
-        def on_step(self, batch_size, step_s, running_lanes, queue_depth):
+        def on_step(self, batch_size, step_s):
             seen.append(torch.get_num_threads())
 
     async def run():
@@ -328,3 +330,49 @@ def test_the_engine_thread_runs_torch_with_its_own_thread_count(tiny_ddpm):
     asyncio.run(run())
     assert seen and set(seen) == {3}
     assert torch.get_num_threads() == before
+
+
+def test_retry_after_counts_the_steps_actually_ahead():
+    # 4 running lanes with 10..40 steps left, 50 ms steps: one more image fits after 0.5 s -> 1 s.
+    assert retry_after_s(1, [40, 10, 30, 20], [], batch_cap=4, step_s=0.05) == 1.0
+    assert retry_after_s(3, [40, 10, 30, 20], [], batch_cap=4, step_s=0.05) == pytest.approx(1.5)
+    # past the running lanes: each further batch of 4 waits one lifetime of the waiting lanes (50 steps)
+    assert retry_after_s(9, [40, 10, 30, 20], [50] * 16, batch_cap=4, step_s=0.05) == pytest.approx((40 + 2 * 50) * 0.05)
+    assert retry_after_s(10_000, [1000], [1000] * 256, batch_cap=1, step_s=1.0) == MAX_RETRY_AFTER_S
+
+
+def test_a_fresh_engine_says_when_to_retry_from_the_steps_ahead(controlled_ddpm):
+    """A fresh engine used to assume T steps per image at 0.1 s each: 1000-step models told
+    clients of 50-step requests to wait minutes."""
+    async def body():
+        async with running_engine(controlled_ddpm, EngineConfig(max_batch=1, max_queue=2,
+                                                                max_images_per_request=2)) as engine:
+            controlled_ddpm.unet.delay_s = 0.01
+            running = submit(engine, GenerationSpec(n=1, steps=20, sampler="ddim"))
+            await wait_until(lambda: engine.stats()["running_lanes"] == 1)
+            waiting = submit(engine, GenerationSpec(n=2, steps=20, sampler="ddim"))
+            with pytest.raises(QueueFull) as refused:
+                submit(engine, QUICK)
+            await running.result(), await waiting.result()
+            return refused.value.retry_after_s
+
+    assert run(body()) <= 2.0
+
+
+def test_load_gauges_return_to_zero_when_everything_is_cancelled(controlled_ddpm):
+    loads = []
+
+    class Recorder(NullObserver):
+        def on_load(self, running_lanes, queue_depth):
+            loads.append((running_lanes, queue_depth))
+
+    async def body():
+        async with running_engine(controlled_ddpm, EngineConfig(max_batch=2), observer=Recorder()) as engine:
+            controlled_ddpm.unet.delay_s = 0.01
+            handles = [submit(engine, GenerationSpec(n=2, steps=40, sampler="ddim")) for _ in range(3)]
+            await wait_until(lambda: (2, 4) in loads)
+            for handle in handles:
+                handle.cancel()
+            await wait_until(lambda: loads[-1] == (0, 0))
+
+    run(body())
