@@ -24,7 +24,6 @@ import torch
 
 import model
 from bench.unet_forward import paired_times, report
-from model.inference import prepare_for_inference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +37,17 @@ def import_model_at(revision: str, into: Path):
     (into / "model").rename(into / "model_at_revision")
     sys.path.insert(0, str(into))
     return importlib.import_module("model_at_revision")
+
+
+def prepare(package: str, unet, num_timesteps: int):
+    """`unet` prepared for inference by `package`'s own code (`model`, or `model_at_revision`):
+    its inference.prepare_for_inference, wherever that revision keeps the fast path (in
+    model/unet.py before it moved to model/inference.py); eval() alone for revisions older than it."""
+    try:
+        inference = importlib.import_module(f"{package}.inference")
+    except ModuleNotFoundError:
+        return unet.eval()
+    return inference.prepare_for_inference(unet, num_timesteps)
 
 
 def main() -> None:
@@ -61,10 +71,10 @@ def main() -> None:
                 param.normal_(0.0, 0.02)
         theirs = other.UNet(other.preset(args.preset).unet)
         theirs.load_state_dict(ours.state_dict())
-        prepare_for_inference(ours, config.diffusion.num_timesteps)
-        importlib.import_module("model_at_revision.inference").prepare_for_inference(
-            theirs, config.diffusion.num_timesteps
-        )
+        prepare("model", ours, config.diffusion.num_timesteps)
+        prepare("model_at_revision", theirs, config.diffusion.num_timesteps)
+        # Hooks the working tree's preparation set (none where it fell back to plain convolutions).
+        packed = any(getattr(m, "fast_forward", None) is not None for m in ours.modules())
 
         @torch.inference_mode()
         def revision_forward(x, t):
@@ -76,7 +86,8 @@ def main() -> None:
 
         unet = config.unet
         names = (args.revision, "working tree")
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} U-Net")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} U-Net; "
+              f"working tree on the {'packed oneDNN' if packed else 'plain PyTorch'} path")
         for batch in args.batches:
             x = torch.randn(batch, unet.in_channels, unet.image_size, unet.image_size)
             t = torch.randint(0, config.diffusion.num_timesteps, (batch,))

@@ -1,7 +1,12 @@
-"""DDPM: a U-Net, its config and its diffusion, with load / save / sample."""
+"""DDPM: a U-Net, its config and its diffusion, with load / save / sample.
+
+model.load prepares the U-Net for inference (model.inference); a DDPM built by hand from a U-Net
+runs it as it is, unless its prepare_for_inference() is called. Sampling never prepares.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -37,6 +42,12 @@ class DDPM:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.unet.parameters())
 
+    def prepare_for_inference(self) -> DDPM:
+        """Prepare the U-Net in place for sampling (as model.load does); returns self. Changes
+        its layout and mode, so not for a U-Net that is still being trained."""
+        prepare_for_inference(self.unet, self.diffusion.num_timesteps)
+        return self
+
     @torch.inference_mode()
     def sample(
         self,
@@ -61,12 +72,24 @@ class DDPM:
                 raise ValueError(f"noise must have shape {tuple(x.shape)} (n, C, H, W), got {tuple(noise.shape)}")
             x = noise.to(device=device, dtype=x.dtype)
         clip = torch.full((n,), plan.clip_x0)
-        prepare_for_inference(self.unet, self.diffusion.num_timesteps)
-        for t, coefs in zip(plan.timesteps.tolist(), plan.coefs):
-            eps = self.unet(x, torch.full((n,), t, device=device, dtype=torch.long))
-            z = draw_noise(generators, self.image_shape, device)
-            x, _ = denoise_step(x, eps, coefs.expand(n, -1), clip, z)
+        with eval_mode(self.unet):
+            for t, coefs in zip(plan.timesteps.tolist(), plan.coefs):
+                eps = self.unet(x, torch.full((n,), t, device=device, dtype=torch.long))
+                z = draw_noise(generators, self.image_shape, device)
+                x, _ = denoise_step(x, eps, coefs.expand(n, -1), clip, z)
         return x.clamp(-1.0, 1.0)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode (no dropout) inside; after, every submodule back in the mode it had."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DDPM:

@@ -6,6 +6,8 @@ SamplingPlan: the model timesteps to visit and, for each, the coefficients of
     x0_hat = clip(a * x_t - b * eps_hat)
     x_prev = c * x0_hat + d * x_t + e * eps_hat + sigma * z
 
+(the columns of Coef, a to sigma in order).
+
 Ancestral DDPM and DDIM are both of this form. `denoise_step` applies it to a batch whose
 rows may come from different plans and sit at different steps: each row brings its own
 coefficients, so batching never changes one image's result.
@@ -14,17 +16,40 @@ coefficients, so batching never changes one image's result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import torch
 
-COEF_NAMES = ("x0_from_xt", "x0_from_eps", "prev_from_x0", "prev_from_xt", "prev_from_eps", "sigma")
+
+class Coef(IntEnum):
+    """The columns of SamplingPlan.coefs: what each coefficient multiplies, and its source.
+    DDPM: Ho et al. 2020; DDIM: Song et al. 2021. abar_prev is abar at the next visited t."""
+
+    # x0_hat = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps_hat  (DDPM eq. 15; DDIM eq. 12)
+    X0_FROM_XT = 0
+    X0_FROM_EPS = 1
+    # Posterior mean, mu~ = c1 x0_hat + c2 x_t  (DDPM eq. 7); DDIM: sqrt(abar_prev) x0_hat, no x_t
+    PREV_FROM_X0 = 2
+    PREV_FROM_XT = 3
+    # DDIM's "direction pointing to x_t", sqrt(1 - abar_prev - sigma^2) eps_hat (eq. 12); DDPM: 0
+    PREV_FROM_EPS = 4
+    # Scale of the fresh noise z: DDPM sigma_t (Algorithm 2, line 4; 0 at the last step);
+    # DDIM sigma_t(eta)  (eq. 16)
+    SIGMA = 5
+
+
+def stack_coefs(columns: dict[Coef, torch.Tensor]) -> torch.Tensor:
+    """[N, len(Coef)] from one [N] tensor per column."""
+    if set(columns) != set(Coef):
+        raise ValueError(f"need every column of Coef, got {sorted(c.name for c in columns)}")
+    return torch.stack([columns[c] for c in Coef], dim=1)
 
 
 @dataclass(frozen=True)
 class SamplingPlan:
     timesteps: torch.Tensor  # [N] long, descending: the t given to the model at step i
-    coefs: torch.Tensor  # [N, 6] float64, columns as COEF_NAMES
+    coefs: torch.Tensor  # [N, 6] float64, columns as Coef
     clip_x0: bool
 
     def __len__(self) -> int:
@@ -46,6 +71,7 @@ def alphas_cumprod_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor):
 
 
 def x0_coefs(abar_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns X0_FROM_XT and X0_FROM_EPS (Ho et al. 2020, eq. 15)."""
     return torch.sqrt(1.0 / abar_t), torch.sqrt(1.0 / abar_t - 1.0)
 
 
@@ -55,11 +81,12 @@ def denoise_step(
     """One reverse step for a batch. coefs: [B, 6] (rows of plans); clip: [B] bool; noise: like x_t.
 
     Returns (x_prev, x0_hat)."""
-    c = coefs.to(device=x_t.device, dtype=x_t.dtype)[:, :, None, None, None].unbind(1)
-    x0 = c[0] * x_t - c[1] * eps
+    c = coefs.to(device=x_t.device, dtype=x_t.dtype)[:, :, None, None, None]  # c[:, Coef.X]: [B, 1, 1, 1]
+    x0 = c[:, Coef.X0_FROM_XT] * x_t - c[:, Coef.X0_FROM_EPS] * eps
     bound = torch.where(clip.to(x_t.device), 1.0, float("inf")).to(x_t.dtype)[:, None, None, None]
     x0 = torch.maximum(torch.minimum(x0, bound), -bound)
-    x_prev = c[2] * x0 + c[3] * x_t + c[4] * eps + c[5] * noise
+    x_prev = (c[:, Coef.PREV_FROM_X0] * x0 + c[:, Coef.PREV_FROM_XT] * x_t + c[:, Coef.PREV_FROM_EPS] * eps
+              + c[:, Coef.SIGMA] * noise)
     return x_prev, x0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import GaussianDiffusion
-from .base import SamplingPlan, alphas_cumprod_pairs, spaced_timesteps, x0_coefs
+from .base import Coef, SamplingPlan, alphas_cumprod_pairs, spaced_timesteps, stack_coefs, x0_coefs
 
 
 def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> SamplingPlan:
@@ -28,5 +28,12 @@ def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> Sampling
     sigma = torch.sqrt(variance)
     sigma[-1] = 0.0  # no noise on the final step (t = 0 in Algorithm 2)
     a, b = x0_coefs(abar_t)
-    coefs = torch.stack([a, b, prev_from_x0, prev_from_xt, torch.zeros_like(a), sigma], dim=1)
+    coefs = stack_coefs({
+        Coef.X0_FROM_XT: a,  # eq. 15
+        Coef.X0_FROM_EPS: b,
+        Coef.PREV_FROM_X0: prev_from_x0,  # eq. 7
+        Coef.PREV_FROM_XT: prev_from_xt,
+        Coef.PREV_FROM_EPS: torch.zeros_like(a),
+        Coef.SIGMA: sigma,  # Algorithm 2
+    })
     return SamplingPlan(timesteps, coefs, diffusion.config.clip_x0)

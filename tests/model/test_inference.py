@@ -1,14 +1,19 @@
-"""prepare_for_inference: the same function, faster; never stale; training untouched."""
+"""prepare_for_inference: the same function, faster; never stale; training untouched; a plain
+fallback when the private oneDNN ops are absent or wrong; never a side effect of sampling."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+import types
 
 import pytest
 import torch
 
 import model
-from model.inference import prepare_for_inference
+from model import inference
+from model.inference import FoldedAttention, PackedConv, PhaseUpsample, TimeBiasTable, prepare_for_inference
 from model.unet import AttentionBlock, Upsample
 
 CONFIG = model.preset("tiny")  # 28x28x1, attention at 14x14, T = 50
@@ -43,7 +48,8 @@ def test_prepared_computes_the_same_function(plain, batch):
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert got.is_contiguous()
     assert prepared.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert prepared.time_bias_table.table.shape[0] == T
+    assert prepared.fast_time_biases.table.shape[0] == T
+    assert isinstance(prepared.conv_in.fast_forward, PackedConv)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 4, 1, 1)])
@@ -56,7 +62,7 @@ def test_upsample_as_phase_kernels_is_the_same_function(shape, layout):
     x = torch.randn(shape).to(memory_format=layout)
     with torch.inference_mode():
         expected = upsample(x)
-        upsample.prepack()
+        upsample.fast_forward = PhaseUpsample(upsample)
         got = upsample(x)
     assert got.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -74,7 +80,7 @@ def test_attention_with_folded_projections_is_the_same_function(layout):
     x = torch.randn(2, 16, 5, 3).to(memory_format=layout)
     with torch.inference_mode():
         expected = attention(x)
-        attention.prepack()
+        attention.fast_forward = FoldedAttention(attention)
         got = attention(x)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -134,9 +140,9 @@ def test_eval_mode_with_autograd_does_not_use_the_table(plain, batch):
 
 def test_prepare_twice_keeps_the_table(plain):
     prepared = prepare_for_inference(plain, T)
-    table = prepared.time_bias_table
-    assert prepare_for_inference(prepared, T).time_bias_table is table
-    assert prepare_for_inference(prepared, T + 1).time_bias_table.num_timesteps == T + 1
+    table = prepared.fast_time_biases
+    assert prepare_for_inference(prepared, T).fast_time_biases is table
+    assert prepare_for_inference(prepared, T + 1).fast_time_biases.num_timesteps == T + 1
 
 
 @pytest.mark.parametrize("bad_t", [-1, T])
@@ -155,12 +161,127 @@ def test_load_prepares_the_unet(plain, batch, tmp_path):
     path = tmp_path / "tiny.safetensors"
     model.save(model.DDPM(plain, CONFIG), path)
     ddpm = model.load(path)
-    assert ddpm.unet.time_bias_table is not None and not ddpm.unet.training
+    assert ddpm.unet.fast_time_biases is not None and not ddpm.unet.training
     assert torch.allclose(eps(ddpm.unet, batch), eps(plain, batch), atol=1e-5, rtol=1e-5)
 
 
-def test_sample_prepares_the_unet(plain):
-    ddpm = model.DDPM(plain, CONFIG)
+def test_prepared_copy_uses_its_own_weights(plain, batch):
+    """A deep copy's fast paths read the copy's weights, not the original's."""
+    prepared = prepare_for_inference(copy.deepcopy(plain), T)
+    eps(prepared, batch)
+    copied = copy.deepcopy(prepared)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.mul_(0.5)
+    halved = copy.deepcopy(plain)
+    with torch.no_grad():
+        for p in halved.parameters():
+            p.mul_(0.5)
+    assert torch.allclose(eps(copied, batch), eps(halved, batch), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(eps(prepared, batch), eps(plain, batch), atol=1e-5, rtol=1e-5)
+
+
+# -- the fallback to plain convolutions ---------------------------------------------------
+def uses_packed_path(unet: model.UNet) -> bool:
+    return any(getattr(m, "fast_forward", None) is not None for m in unet.modules())
+
+
+def raising_ops():
+    def fail(*args):
+        raise RuntimeError("no kernel for this CPU")
+    return fail, fail
+
+
+def wrong_ops():
+    reorder, convolve = MKLDNN_OPS()
+    return reorder, lambda *args: convolve(*args) * 1.01
+
+
+MKLDNN_OPS = inference.mkldnn_ops
+
+
+@pytest.mark.parametrize("breakage, reason", [
+    ("ops removed", "missing or failed (AttributeError"),
+    ("ops raise", "missing or failed (RuntimeError: no kernel for this CPU)"),
+    ("ops disagree", "disagrees with F.conv2d"),
+])
+def test_load_falls_back_to_plain_convolutions(plain, tmp_path, monkeypatch, caplog, breakage, reason):
+    path = tmp_path / "tiny.safetensors"
+    model.save(model.DDPM(plain, CONFIG), path)
+    with caplog.at_level(logging.WARNING, logger="model.inference"):
+        packed = model.load(path)
+    assert uses_packed_path(packed.unet) and not caplog.records
+    expected = {sampler: packed.sample(3, steps=5, sampler=sampler, seed=7) for sampler in ("ddpm", "ddim")}
+    if breakage == "ops removed":
+        monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())
+    else:
+        monkeypatch.setattr(inference, "mkldnn_ops", raising_ops if breakage == "ops raise" else wrong_ops)
+
+    with caplog.at_level(logging.WARNING, logger="model.inference"):
+        fallback = model.load(path)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "plain PyTorch path" in caplog.records[0].getMessage() and reason in caplog.records[0].getMessage()
+    assert not uses_packed_path(fallback.unet)
+    # What stays: eval mode, channels_last, the time-bias table.
+    assert not fallback.unet.training and isinstance(fallback.unet.fast_time_biases, TimeBiasTable)
+    assert fallback.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for sampler, images in expected.items():
+        got = fallback.sample(3, steps=5, sampler=sampler, seed=7)
+        assert torch.allclose(got, images, atol=1e-4, rtol=0), (got - images).abs().max()
+
+
+def test_fallback_undoes_an_earlier_packed_preparation(plain, monkeypatch, caplog):
+    prepared = prepare_for_inference(plain, T)
+    assert uses_packed_path(prepared)
+    monkeypatch.setattr(inference, "mkldnn_ops", raising_ops)
+    with caplog.at_level(logging.WARNING, logger="model.inference"):
+        prepare_for_inference(prepared, T)
+    assert len(caplog.records) == 1 and not uses_packed_path(prepared)
+
+
+# -- sampling does not prepare ------------------------------------------------------------
+def assert_unprepared(unet: model.UNet, modes: list[bool]) -> None:
+    """Contiguous parameters (not channels_last), no fast paths, every module in `modes`."""
+    assert all(p.stride() == p.contiguous().stride() for p in unet.parameters())
+    assert not uses_packed_path(unet) and unet.fast_time_biases is None
+    assert [m.training for m in unet.modules()] == modes
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sample_leaves_the_unet_as_it_was(training):
+    """As Trainer.sample_grid samples from the EMA model mid-training: no layout change, no fast
+    paths, the same mode after; and no dropout during the call even in train mode."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(CONFIG, unet=dataclasses.replace(CONFIG.unet, dropout=0.5))
+    unet = model.UNet(config.unet).train(training)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, 0.1)
+    modes = [m.training for m in unet.modules()]
+    ddpm = model.DDPM(unet, config)
     images = ddpm.sample(2, steps=5, sampler="ddim", seed=3)
-    assert ddpm.unet.time_bias_table is not None
+    assert_unprepared(unet, modes)
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+    in_eval = model.DDPM(copy.deepcopy(unet).eval(), config).sample(2, steps=5, sampler="ddim", seed=3)
+    assert torch.equal(images, in_eval)
+
+
+def test_trainer_sample_grid_leaves_the_ema_model_as_it_was(tmp_path, synthetic_mnist):
+    from model.train import Trainer, parse_args
+
+    args = parse_args(["--preset", "tiny", "--data", "mnist", "--data-path", str(synthetic_mnist),
+                       "--out", str(tmp_path), "--steps", "1", "--device", "cpu", "--sample-steps", "2"])
+    trainer = Trainer(args)
+    ema = trainer.state.ema
+    modes = [m.training for m in ema.modules()]
+    trainer.sample_grid()
+    assert_unprepared(ema, modes)
+    assert any((tmp_path / "samples").glob("*.png"))
+
+
+def test_ddpm_prepare_for_inference_is_explicit(plain, batch):
+    ddpm = model.DDPM(copy.deepcopy(plain).train(), CONFIG)
+    assert ddpm.prepare_for_inference() is ddpm
+    assert not ddpm.unet.training and uses_packed_path(ddpm.unet)
+    assert ddpm.unet.fast_time_biases.num_timesteps == T
+    assert torch.allclose(eps(ddpm.unet, batch), eps(plain, batch), atol=1e-5, rtol=1e-5)
