@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import socket
 import sys
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from server.api.errors import describe_validation_errors
 from server.app import StartupError, create_app, drain, load_model, real_engine_factory, reserve_cores_for_engine
+from server.http import GuardedH11Protocol
 from server.settings import Settings
 
 # After the engine has drained, what uvicorn waits for: responses already decided being written.
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         ws_max_size=settings.max_body_bytes,
+        http=functools.partial(GuardedH11Protocol, read_timeout_s=settings.read_timeout_s,
+                               max_header_bytes=settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.max_connections,
     )
     # uvicorn configures its own loggers in Config(); ours (the server.* modules) print the same way.
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(message)s")

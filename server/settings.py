@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     # The API
     default_preview_every: int = Field(0, ge=0, description="WebSocket preview cadence when a request gives none")
     max_body_bytes: int = Field(16 * 1024, ge=256)
+
+    # Connections
+    max_connections: int = Field(512, ge=1, description="open connections (WebSockets included); beyond: 503")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="a request's line and headers; beyond: 431")
+    read_timeout_s: float = Field(10.0, gt=0, description="time for a request (headers and body) to arrive; then 408")
+    ws_send_timeout_s: float = Field(
+        10.0, gt=0, description="a WebSocket client that reads nothing for this long is cancelled and dropped")
     job_ttl_s: float = Field(600.0, gt=0, description="how long finished jobs stay readable")
     max_jobs: int = Field(1024, ge=1, description="jobs remembered at once (finished ones are dropped first)")
 
