@@ -46,7 +46,7 @@ def load_model(name: str) -> model.DDPM:
     if name == "mnist" and SHIPPED_WEIGHTS.exists():
         return model.load(SHIPPED_WEIGHTS)
     config = model.preset(name)
-    return model.DDPM(model.UNet(config.unet).eval(), config)
+    return model.DDPM(model.UNet(config.unet), config).prepare_for_inference()  # as model.load does
 
 
 @torch.inference_mode()
