@@ -27,6 +27,7 @@ from server.settings import Settings
 
 # After the engine has drained, what uvicorn waits for: responses already decided being written.
 FLUSH_TIMEOUT_S = 5
+SEND_BUFFER_BYTES = 128 * 1024  # per connection: enough for a few responses' worth in flight
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,11 +93,16 @@ class WithoutQuery(logging.Filter):
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the weights load: a busy port fails in a second, not after."""
+    """The listening socket, bound before the weights load: a busy port fails in a second, not after.
+
+    Its connections inherit a bounded kernel send buffer: left to autotuning, the kernel buffered
+    megabytes for a WebSocket client that had stopped reading, so our sends kept succeeding (and
+    the engine kept computing for it) for minutes before --ws-send-timeout-s could notice."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         sock.bind((host, port))
     except OSError as exc:
         sock.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from server.api.errors import ApiError, api_error_for, describe_validation_error
 from server.api.schemas import StreamRequest
 from server.contract import Done, EngineError, Failed, InvalidSpec, RequestHandle, event_json
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
 
 FIRST_MESSAGE_TIMEOUT_S = 30.0
@@ -53,6 +55,10 @@ class ProtocolError(Exception):
     """The client sent something that is not this protocol."""
 
 
+class SlowClient(Exception):
+    """The client stopped reading: what we send no longer leaves this machine."""
+
+
 @router.websocket("/ws/generate")
 async def stream(websocket: WebSocket, state: State) -> None:
     offered = websocket.scope.get("subprotocols", [])
@@ -74,7 +80,7 @@ async def serve_stream(websocket: WebSocket, state: ServerState, owner: str | No
         spec = state.accept(request.to_spec(owner, state.settings.default_preview_every))
         with state.slots.hold(owner):
             handle = state.engine.submit(spec)
-            await relay(websocket, handle, state.settings.max_body_bytes)
+            await relay(websocket, handle, state.settings.max_body_bytes, state.settings.ws_send_timeout_s)
     except ProtocolError as exc:
         await send_error_and_close(websocket, "invalid_request", str(exc), POLICY_VIOLATION)
     except (ApiError, EngineError, InvalidSpec) as exc:
@@ -82,6 +88,8 @@ async def serve_stream(websocket: WebSocket, state: ServerState, owner: str | No
         await send_error_and_close(websocket, error.code, error.message, close_code_for(error))
     except WebSocketDisconnect:
         pass  # the client left; relay has cancelled its request
+    except SlowClient as exc:  # relay has cancelled its request; its buffers are full, so no goodbye
+        log.warning("dropping a WebSocket client: %s", exc)
 
 
 async def deny(websocket: WebSocket, error: ApiError) -> None:
@@ -116,9 +124,9 @@ async def receive_text(websocket: WebSocket, max_bytes: int) -> str:
     return text
 
 
-async def relay(websocket: WebSocket, handle: RequestHandle, max_bytes: int) -> None:
+async def relay(websocket: WebSocket, handle: RequestHandle, max_bytes: int, send_timeout_s: float) -> None:
     """Forward the engine's events while listening for cancel; either side ending ends both."""
-    forward = asyncio.ensure_future(forward_events(websocket, handle))
+    forward = asyncio.ensure_future(forward_events(websocket, handle, send_timeout_s))
     listen = asyncio.ensure_future(listen_for_cancel(websocket, handle, max_bytes))
     try:
         finished, _ = await asyncio.wait({forward, listen}, return_when=asyncio.FIRST_COMPLETED)
@@ -132,9 +140,12 @@ async def relay(websocket: WebSocket, handle: RequestHandle, max_bytes: int) -> 
         handle.cancel()  # a no-op once finished; frees the lanes if we got here any other way
 
 
-async def forward_events(websocket: WebSocket, handle: RequestHandle) -> None:
+async def forward_events(websocket: WebSocket, handle: RequestHandle, send_timeout_s: float) -> None:
     async for event in handle.events():
-        await websocket.send_json(event_json(event))
+        try:
+            await asyncio.wait_for(websocket.send_json(event_json(event)), send_timeout_s)
+        except asyncio.TimeoutError:
+            raise SlowClient(f"the client read nothing for {send_timeout_s:g}s") from None
         if isinstance(event, Failed):
             await websocket.close(GOING_AWAY if event.code == "shutdown" else NORMAL)
         elif isinstance(event, Done):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -160,3 +161,21 @@ def test_the_log_names_the_model_and_keeps_urls_without_queries(tiny_weights, tm
         output = server.output()
     assert "serving " in output and "T=50" in output and "on cpu" in output
     assert '"GET /readyz HTTP/1.1" 200' in output and "secret-in-the-url" not in output
+
+
+def test_a_websocket_client_that_stops_reading_is_cancelled_and_dropped(tmp_path):
+    with run_server(SHIPPED_WEIGHTS, tmp_path, "--ws-send-timeout-s", "2", "--max-preview-fps", "50") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's kernel buffers little
+        sock.connect((host, int(port)))
+        # max_queue=1: the client's library stops reading the socket once one message waits unread
+        with connect(server.url.replace("http", "ws") + "/ws/generate", sock=sock, max_queue=1,
+                     close_timeout=1) as websocket:
+            websocket.send(json.dumps({"n": 16, "steps": 1000, "preview_every": 1}))
+            began = time.monotonic()
+            wait_for(lambda: metric(server, "ddpm_requests_finished_total", outcome="cancelled") == 1, timeout_s=30)
+            dropped_after_s = time.monotonic() - began
+            wait_for(lambda: metric(server, "ddpm_websockets_open") == 0, timeout_s=30)
+    assert dropped_after_s < 10  # the request alone would take minutes
+    assert "dropping a WebSocket client: the client read nothing for 2s" in server.output()
