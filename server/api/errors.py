@@ -7,6 +7,7 @@ same code whichever way it asked.
 from __future__ import annotations
 
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,5 +74,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_json(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        status, headers = exc.status_code, exc.headers
+        if status == 400:  # FastAPI could not decode the body (not UTF-8): bad input like any other
+            status = 422
+        elif status == 405 and (allowed := documented_methods(request)):
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}  # Starlette names one route's
+        code = HTTP_ERROR_CODES.get(status, "http_error")
+        return JSONResponse(error_json(code, str(exc.detail)), status_code=status, headers=headers)
+
+
+HTTP_ERROR_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+                    422: "invalid_request"}
+
+
+def documented_methods(request: Request) -> set[str]:
+    """Every method the OpenAPI schema documents at this request's path (GET brings HEAD)."""
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), request.url.path):
+            methods = {method.upper() for method in operations}
+            return methods | {"HEAD"} if "GET" in methods else methods
+    return set()

@@ -26,10 +26,21 @@ async def get_job(job_id: str, state: State, owner: Owner) -> JobView:
     return state.jobs.view(state.jobs.get(job_id, owner))
 
 
-@router.delete("/{job_id}", response_model=JobView, responses={404: {"model": ErrorResponse}})
+@router.post("/{job_id}/cancel", response_model=JobView, responses={404: {"model": ErrorResponse}})
 async def cancel_job(job_id: str, state: State, owner: Owner) -> JobView:
-    """Cancel a queued or running job (effective at the next step); a finished job is unchanged."""
+    """Cancel a queued or running job; answers once it has ended (at the engine's next step), so it
+    says `cancelled`, and so does GET from then on. A finished job is unchanged."""
     job = state.jobs.get(job_id, owner)
-    if not job.finished:
-        job.handle.cancel()
+    await state.jobs.cancel(job)
     return state.jobs.view(job)
+
+
+@router.delete("/{job_id}", response_model=JobView, responses={404: {"model": ErrorResponse}})
+async def delete_job(job_id: str, state: State, owner: Owner) -> JobView:
+    """Cancel the job if it is still queued or running, then forget it: GET answers 404 from now
+    on. Returns the job as it ended."""
+    job = state.jobs.get(job_id, owner)
+    await state.jobs.cancel(job)
+    view = state.jobs.view(job)
+    state.jobs.forget(job_id)
+    return view

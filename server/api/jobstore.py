@@ -24,6 +24,8 @@ from server.contract import (
     ValidSpec,
 )
 
+CANCEL_WAIT_S = 10.0  # a cancel takes effect at the engine's next step
+
 
 @dataclass
 class Job:
@@ -67,6 +69,18 @@ class JobStore:
         finally:
             job.finished_at = time.monotonic()
             self.slots.release(job.owner)
+
+    async def cancel(self, job: Job) -> None:
+        """Cancel and wait for the end; past CANCEL_WAIT_S (a very long step) it ends on its own."""
+        if job.finished or not job.handle.cancel():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(job.waiter), CANCEL_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
 
     def get(self, job_id: str, owner: str | None) -> Job:
         """The job, if it exists and `owner` created it (others get the same 404 as a stranger)."""

@@ -7,12 +7,20 @@ are the contract's events: POST /generate answers with the `done` event itself.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from server.contract import MAX_SEED, Done, FrameKind, GenerationSpec, SamplerName
 from server.contract.spec import ETA_RANGE
+
+
+def whole_number(value: object) -> object:
+    """JSON Schema's integer includes 18.0; strict pydantic alone would refuse it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(whole_number)]
 
 
 def bounds(minimum: float, maximum: float | None = None) -> dict:
@@ -20,19 +28,27 @@ def bounds(minimum: float, maximum: float | None = None) -> dict:
     return {"minimum": minimum} if maximum is None else {"minimum": minimum, "maximum": maximum}
 
 
+# validate()'s cross-field rule, stated in the schema: a sampler other than ddim (ddpm is the
+# default) takes eta = 0.
+ETA_ONLY_WITH_DDIM = {
+    "if": {"properties": {"sampler": {"not": {"const": "ddim"}}}},
+    "then": {"properties": {"eta": {"const": 0}}},
+}
+
+
 class GenerateRequest(BaseModel):
     """One batch of images from one sampler. Used by POST /generate and POST /jobs."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=ETA_ONLY_WITH_DDIM)
 
-    n: int = Field(GenerationSpec.n, json_schema_extra=bounds(1),
+    n: JsonInt = Field(GenerationSpec.n, json_schema_extra=bounds(1),
                    description="images (at most the model's max_images_per_request)")
-    steps: int | None = Field(GenerationSpec.steps, json_schema_extra=bounds(1),
+    steps: JsonInt | None = Field(GenerationSpec.steps, json_schema_extra=bounds(1),
                               description="denoising steps, 1..T; default T (the paper's 1000)")
     sampler: SamplerName = Field(GenerationSpec.sampler, description="ddpm (ancestral, the paper's) or ddim")
     eta: float = Field(GenerationSpec.eta, json_schema_extra=bounds(*ETA_RANGE),
                        description="DDIM noise: 0 deterministic, 1 DDPM-like")
-    seed: int | None = Field(GenerationSpec.seed, json_schema_extra=bounds(0, MAX_SEED),
+    seed: JsonInt | None = Field(GenerationSpec.seed, json_schema_extra=bounds(0, MAX_SEED),
                              description="request seed; random when absent")
     response_format: Literal["b64_json"] = "b64_json"
 
@@ -48,7 +64,7 @@ class StreamRequest(GenerateRequest):
     """The one message a WebSocket client sends to start: GenerateRequest plus previews."""
 
     type: Literal["generate"] = "generate"
-    preview_every: int | None = Field(
+    preview_every: JsonInt | None = Field(
         None, json_schema_extra=bounds(0), description="frames every k steps (0: none; absent: the server's default)"
     )
     preview_kinds: list[FrameKind] = Field(list(GenerationSpec.preview_kinds))

@@ -2,7 +2,7 @@
 
 Each request runs on its own asyncio task: Queued, then (once `gate` is open) Started, one
 Progress per step (`step_s` apart), Frames every `preview_every` steps, and Done with tiny PNGs.
-Close `gate` to keep requests queued (queue positions, 429s, cancelling while queued).
+Close `gate` to keep requests queued (queue positions, 429s); cancelling ends a queued request at once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ from server.contract import (
 )
 
 
+async def first_of(*awaitables) -> None:
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+
+
 def tiny_png(value: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (2, 2), value).save(buffer, format="PNG")
@@ -49,7 +56,7 @@ class FakeHandle:
     state: RequestState = RequestState.QUEUED
     step: int = 0
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     ended: Done | Failed | None = None
 
     async def events(self):
@@ -70,7 +77,7 @@ class FakeHandle:
     def cancel(self) -> bool:
         if self.ended is not None:
             return False
-        self.cancelled = True
+        self.cancelled.set()
         return True
 
 
@@ -124,8 +131,8 @@ class FakeEngine:
         submitted, spec = time.perf_counter(), handle.spec
         total = spec.steps
         handle.queue.put_nowait(Queued(id=handle.id, position=len(self.handles) - 1))
-        await self.gate.wait()
-        if handle.cancelled:
+        await first_of(self.gate.wait(), handle.cancelled.wait())  # a cancel ends a queued request, as in the engine
+        if handle.cancelled.is_set():
             return self.finish(handle, Failed(id=handle.id, code="shutdown" if self.closing else "cancelled",
                                               message="cancelled"))
         handle.state = RequestState.RUNNING
@@ -133,7 +140,7 @@ class FakeEngine:
         handle.queue.put_nowait(Started(id=handle.id))
         for step in range(1, total + 1):
             await asyncio.sleep(self.step_s)
-            if handle.cancelled:
+            if handle.cancelled.is_set():
                 code = "shutdown" if self.closing else "cancelled"
                 return self.finish(handle, Failed(id=handle.id, code=code, message="cancelled at step boundary"))
             handle.step = step

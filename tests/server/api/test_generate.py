@@ -107,7 +107,12 @@ def test_oversized_body_is_413(client):
 def test_oversized_chunked_body_is_413(client):
     chunks = (b'{"n": 1, "pad": "' + b"x" * 5000 for _ in range(5))  # no Content-Length
     response = client.post("/generate", content=chunks, headers={"Content-Type": "application/json"})
-    assert response.status_code == 413
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
+
+
+def test_a_body_that_is_not_utf8_is_422_like_any_bad_json(client):
+    response = client.post("/generate", content=b'{"n": "\xff"}', headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
 
 
 def test_full_queue_is_429_with_retry_after():
@@ -135,3 +140,9 @@ def test_unknown_route_and_method_are_json_errors(client):
     assert client.get("/nope").json()["error"]["code"] == "not_found"
     response = client.get("/generate")
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_405_names_every_method_the_path_serves(client):
+    for method in ("OPTIONS", "PUT"):
+        response = client.request(method, "/jobs/some-id")
+        assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET, HEAD"

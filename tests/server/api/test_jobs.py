@@ -35,10 +35,10 @@ def test_queued_job_reports_its_position_and_can_be_cancelled(served):
     job_id = client.post("/jobs", json={"steps": 3}).json()["id"]
     view = client.get(f"/jobs/{job_id}").json()
     assert view["status"] == "queued" and view["queue_position"] == 0
-    cancelled = client.delete(f"/jobs/{job_id}")
-    assert cancelled.status_code == 200
+    cancelled = client.post(f"/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     engine.gate.set()
-    job = poll_until_finished(client, job_id)
+    job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "cancelled"
     assert job["error"]["code"] == "cancelled" and job["result"] is None
 
@@ -51,13 +51,26 @@ def test_running_job_shows_progress_then_cancels(slow_served):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert view["status"] == "running" and view["total"] == 50
-    client.delete(f"/jobs/{job_id}")
-    assert poll_until_finished(client, job_id)["status"] == "cancelled"
+    assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"  # no stale "running" after a cancel
+
+
+def test_delete_cancels_and_forgets_a_job(slow_served):
+    client, _ = slow_served
+    running = client.post("/jobs", json={"steps": 50}).json()["id"]
+    finished = client.post("/jobs", json={"steps": 1}).json()["id"]
+    poll_until_finished(client, finished)
+    assert client.delete(f"/jobs/{running}").json()["status"] == "cancelled"
+    assert client.delete(f"/jobs/{finished}").json()["status"] == "succeeded"
+    for job_id in (running, finished):
+        assert client.get(f"/jobs/{job_id}").status_code == 404
+        assert client.delete(f"/jobs/{job_id}").status_code == 404
 
 
 def test_unknown_job_is_404(client):
-    for method in ("GET", "DELETE"):
-        response = client.request(method, "/jobs/does-not-exist")
+    for method, path in (("GET", "/jobs/does-not-exist"), ("DELETE", "/jobs/does-not-exist"),
+                         ("POST", "/jobs/does-not-exist/cancel")):
+        response = client.request(method, path)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "not_found"
 

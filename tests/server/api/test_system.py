@@ -9,6 +9,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import cli
+from tests.server.api.conftest import serve_fake
 from server.settings import PROJECT_ROOT, Settings
 
 
@@ -68,9 +69,32 @@ def test_models_describes_the_served_model_and_limits(client):
 
 
 def test_openapi_documents_every_route(client):
-    assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/generate", "/jobs", "/jobs/{job_id}", "/healthz", "/readyz", "/metrics", "/models"} <= set(paths)
+
+
+def test_openapi_states_the_models_limits_with_exact_integers_and_no_security_without_keys():
+    with serve_fake(max_images_per_request=4) as (client, _):
+        text = client.get("/openapi.json").text
+        schema = client.get("/openapi.json").json()
+    body = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert (body["n"]["minimum"], body["n"]["maximum"], body["steps"]["maximum"]) == (1, 4, 50)
+    assert '"maximum":9223372036854775807' in text.replace(" ", "")  # not 9.223372036854776e+18
+    assert "securitySchemes" not in schema["components"]
+    assert all("security" not in op and "401" not in op["responses"]
+               for ops in schema["paths"].values() for op in ops.values())
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_docs_are_public_and_load_nothing_from_outside(auth):
+    with serve_fake(api_keys="some-key-0123456789" if auth else "") as (client, _):
+        for page in ("/docs", "/redoc"):
+            html = client.get(page)
+            assert html.status_code == 200 and "https://" not in html.text
+        assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+        assert client.get("/docs-assets/redoc.standalone.js").status_code == 200
+        schema = client.get("/openapi.json").json()
+    assert ("HTTPBearer" in schema["components"].get("securitySchemes", {})) == auth
 
 
 def test_index_page_is_served(client):
