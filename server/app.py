@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server.api import ROUTERS
 from server.api.deps import ServerState
+from server.api.docs import install_docs
 from server.api.errors import install_error_handlers
 from server.api.jobstore import JobStore
 from server.api.limits import OwnerSlots
@@ -139,9 +140,12 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         summary="Denoising diffusion (Ho et al. 2020) as a service: batched steps, live previews.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # install_docs serves them, with local assets
+        redoc_url=None,
     )
     for router in ROUTERS:
         app.include_router(router)
+    install_docs(app, settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
