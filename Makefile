@@ -1,4 +1,5 @@
 # Two commands a newcomer needs: `make serve` and `make test`. Each builds .venv on first use.
+# `make serve ARGS="--port 9000"` passes flags to ddpm-serve.
 # TORCH picks the torch build: the default is the CPU wheel (no multi-GB CUDA download).
 # GPU users: `make install TORCH="torch --index-url https://download.pytorch.org/whl/cu124"`
 # or install their own torch into .venv first (an importable torch is kept).
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: install
-	$(BIN)/ddpm-serve
+	$(BIN)/ddpm-serve $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q
