@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -171,3 +172,9 @@ def test_a_busy_port_fails_before_the_weights_load(tiny_weights, capsys, monkeyp
 def test_invalid_option_values_exit_2(capsys, flags, message):
     assert cli.main([*flags, "--weights", "x"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_make_serve_passes_args_to_ddpm_serve():
+    result = subprocess.run(["make", "-n", "serve", "ARGS=--port 9000 --max-batch 8"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.rstrip().endswith("ddpm-serve --port 9000 --max-batch 8")
