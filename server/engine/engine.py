@@ -44,8 +44,8 @@ from server.contract import (
     Started,
     ValidSpec,
 )
+from server.contract.channel import ChannelHandle, EventChannel
 
-from .events import EventChannel, RequestHandle
 from .publisher import Publisher
 from .request import Lane, Request
 from .runner import Runner
@@ -125,7 +125,7 @@ class Engine:
 
     # ---- the client interface (on the asyncio loop; never blocks) ----
 
-    def submit(self, spec: ValidSpec) -> RequestHandle:
+    def submit(self, spec: ValidSpec) -> ChannelHandle:
         if not isinstance(spec, ValidSpec) or spec.limits != self.limits:
             raise TypeError("submit takes a ValidSpec from server.contract.validate(spec, engine.model_info().limits)")
         if self._loop is None:
@@ -155,7 +155,7 @@ class Engine:
         channel.put(Queued(id=request.id, position=position))
         self.observer.on_submit(spec.n)
         self._wakeup.set()
-        return RequestHandle(request.id, spec.seed, spec, channel, self.cancel)
+        return ChannelHandle(request.id, spec.seed, spec, channel, self.cancel)
 
     def cancel(self, request_id: str) -> bool:
         """True if the request was live; it ends with Failed(code="cancelled") at the next step."""

@@ -22,8 +22,8 @@ from PIL import Image
 
 from model.data import to_uint8
 from server.contract import Done, Event, Failed, Frame, FrameKind, GeneratedImage
+from server.contract.channel import EventChannel
 
-from .events import EventChannel
 from .request import Request
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import torch
 from model.samplers import SamplingPlan, image_generator, image_seed
 
 from server.contract import RequestState, ValidSpec
+from server.contract.channel import EventChannel
 
-from .events import EventChannel
 
 
 @dataclass(frozen=True)

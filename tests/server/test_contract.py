@@ -25,7 +25,7 @@ from server.contract import (
     validate,
 )
 from server.engine import Engine
-from server.engine.events import RequestHandle as EngineRequestHandle
+from server.contract.channel import ChannelHandle
 from server.settings import Settings
 from tests.server.api.fake_engine import FakeEngine, FakeHandle
 
@@ -104,5 +104,5 @@ def test_the_engine_and_the_fake_implement_the_engine_client(tiny_ddpm):
 
 def test_their_handles_implement_the_request_handle():
     spec = validate(GenerationSpec(), LIMITS)
-    assert_implements(EngineRequestHandle, RequestHandle, EngineRequestHandle("id", spec.seed, spec, None, None))
+    assert_implements(ChannelHandle, RequestHandle, ChannelHandle("id", spec.seed, spec, None, None))
     assert_implements(FakeHandle, RequestHandle, FakeHandle("id", spec.seed, spec))

@@ -18,7 +18,7 @@ import model
 from model.data import to_uint8
 from server.contract import Done, EngineConfig, GenerationSpec, validate
 from server.engine import Engine
-from server.engine.events import RequestHandle
+from server.contract.channel import ChannelHandle
 
 
 class ControlledUNet(torch.nn.Module):
@@ -71,7 +71,7 @@ async def running_engine(ddpm: model.DDPM, config: EngineConfig = EngineConfig()
         await engine.shutdown(grace_s=0)
 
 
-def submit(engine: Engine, spec: GenerationSpec) -> RequestHandle:
+def submit(engine: Engine, spec: GenerationSpec) -> ChannelHandle:
     """Validates `spec` against the engine's limits, as the API does, and submits it."""
     return engine.submit(validate(spec, engine.model_info().limits))
 

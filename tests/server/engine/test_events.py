@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from server.contract import Done, Failed, Frame, Progress, Queued, Started
-from server.engine.events import EventChannel
+from server.contract.channel import EventChannel
 
 from .conftest import run
 

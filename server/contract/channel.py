@@ -1,4 +1,5 @@
-"""The per-request mailbox between the engine and its one consumer, and the handle around it.
+"""A request's mailbox between the thread that produces its events and the one consumer on the
+asyncio loop, and the RequestHandle around it (torch-free: any engine, and the job store, use it).
 
 The channel lives on the asyncio loop: the engine thread never touches it directly, it posts
 with loop.call_soon_threadsafe, so publishing never blocks the engine. Frames are droppable:
@@ -14,7 +15,9 @@ import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from server.contract import Done, Event, Failed, Frame, GenerationFailed, ValidSpec
+from .errors import GenerationFailed
+from .events import Done, Event, Failed, Frame
+from .spec import ValidSpec
 
 TERMINAL = (Done, Failed)
 
@@ -69,8 +72,8 @@ class EventChannel:
         return None
 
 
-class RequestHandle:
-    """What `Engine.submit` returns: the request's id and seed, its events and its result."""
+class ChannelHandle:
+    """A RequestHandle over an EventChannel: what `Engine.submit` returns."""
 
     def __init__(self, request_id: str, seed: int, spec: ValidSpec, channel: EventChannel,
                  cancel: Callable[[str], bool]):
@@ -95,4 +98,4 @@ class RequestHandle:
         return self._cancel(self.id)
 
     def __repr__(self) -> str:
-        return f"RequestHandle(id={self.id!r}, seed={self.seed}, spec={self.spec!r})"
+        return f"ChannelHandle(id={self.id!r}, seed={self.seed}, spec={self.spec!r})"
