@@ -19,10 +19,10 @@ from server.api import ROUTERS
 from server.api.deps import ServerState
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers
-from server.api.jobstore import JobStore
 from server.api.limits import OwnerSlots
 from server.api.middleware import BodySizeLimit, HttpMetrics
 from server.contract import EngineClient, EngineObserver
+from server.jobs import JobRepository, JobService, open_repository
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -113,19 +113,30 @@ async def drain(app: FastAPI) -> None:
     await asyncio.sleep(0.1)  # let the routes write the outcomes the engine just delivered
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None,
+               repository: JobRepository | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine and opens the job store (`repository`, or the
+    one settings.jobs_url names), and recovers the jobs a previous process left unfinished."""
     settings = settings or Settings()
     engine_factory = engine_factory or real_engine_factory()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = repository or open_repository(settings.jobs_url)
         engine = engine_factory(settings, metrics.observer)
         await engine.start()
         slots = OwnerSlots(settings.max_concurrent_per_key)
-        jobs = JobStore(engine, slots, settings.job_ttl_s, settings.max_jobs)
         info = engine.model_info()
+        jobs = JobService(metrics.watch_jobs(store), engine, info.limits, durable=store.durable,
+                          ttl_s=settings.job_ttl_s, max_jobs=settings.max_jobs, max_bytes=settings.jobs_max_bytes,
+                          max_attempts=settings.job_max_attempts, on_release=slots.release)
         app.state.server = ServerState(settings, engine, metrics, info.limits, jobs, slots)
+        recovered = jobs.recover()
+        slots.take(job.record.owner for job in jobs.waiting)
+        metrics.jobs_recovered.inc(recovered)
+        if recovered:
+            log.info("recovered %d unfinished jobs from %s", recovered, settings.jobs_url)
         log.info("serving %s: %s %s, %.2fM parameters, T=%d, on %s; max batch %d, %s batching",
                  settings.weights, info.dataset or "model", "x".join(map(str, info.image_shape)),
                  info.num_parameters / 1e6, info.num_timesteps, info.device, info.max_batch, info.policy)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from server.api.errors import describe_validation_errors
 from server.app import StartupError, create_app, drain, load_model, real_engine_factory, reserve_cores_for_engine
 from server.http import GuardedH11Protocol
+from server.jobs import StoreError, open_repository
 from server.settings import Settings
 
 # After the engine has drained, what uvicorn waits for: responses already decided being written.
@@ -111,20 +112,21 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 after a clean stop, 1 when the server cannot start (weights, device, port),
-    2 for invalid options."""
+    """Exit status: 0 after a clean stop, 1 when the server cannot start (weights, device, port,
+    job store), 2 for invalid options."""
     try:
         settings = settings_from(argv)
         sock = listen(settings.host, settings.port)
+        repository = open_repository(settings.jobs_url)
         torch_threads = reserve_cores_for_engine(settings)
         ddpm = load_model(settings)
     except ValidationError as exc:
         print(f"ddpm-serve: error: {describe_validation_errors(exc.errors(), whole='settings')}", file=sys.stderr)
         return 2
-    except StartupError as exc:
+    except (StartupError, StoreError) as exc:
         print(f"ddpm-serve: error: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, engine_factory=real_engine_factory(ddpm, torch_threads))
+    app = create_app(settings, engine_factory=real_engine_factory(ddpm, torch_threads), repository=repository)
     config = uvicorn.Config(
         app,
         host=settings.host,

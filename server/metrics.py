@@ -5,6 +5,8 @@ Each app gets its own CollectorRegistry, so tests can build many apps in one pro
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,6 +16,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.jobs import JobRepository
 
 # Seconds, from a fast tiny-model step on a GPU to a long 1000-step request on a CPU.
 TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -60,7 +67,19 @@ class Metrics:
             "ddpm_http_request_seconds", "HTTP request latency by route template.", ["method", "route"],
             buckets=TIME_BUCKETS, registry=r,
         )
+        self.jobs_recovered = Counter(
+            "ddpm_jobs_recovered", "Unfinished jobs put back in the queue at start-up.", registry=r
+        )
+        self.job_store_seconds = Histogram(
+            "ddpm_job_store_seconds", "Job store calls by operation.", ["operation"], buckets=TIME_BUCKETS, registry=r
+        )
         self.observer = PrometheusObserver(self)
+
+    def watch_jobs(self, repository: "JobRepository") -> "JobRepository":
+        """`repository` timed call by call (ddpm_job_store_seconds), and its jobs counted by status
+        at every scrape (ddpm_jobs); returns the timed repository to use."""
+        self.registry.register(JobsByStatus(repository))
+        return TimedRepository(repository, self.job_store_seconds)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_requests.labels(method, route, str(status)).inc()
@@ -101,3 +120,35 @@ class PrometheusObserver:
         self.m.requests_finished.labels(outcome).inc()
         self.m.request_seconds.labels(outcome).observe(latency_s)
 
+
+
+class JobsByStatus(Collector):
+    """ddpm_jobs{status}: read from the store at each scrape, so it is right after a restart too."""
+
+    def __init__(self, repository: "JobRepository"):
+        self.repository = repository
+
+    def collect(self):
+        family = GaugeMetricFamily("ddpm_jobs", "Stored jobs by status.", labels=["status"])
+        counts = self.repository.counts()
+        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+            family.add_metric([status], counts.get(status, 0))
+        yield family
+
+
+class TimedRepository:
+    """A job store whose every call is observed in a histogram labelled by the call's name."""
+
+    def __init__(self, repository: "JobRepository", seconds: Histogram):
+        self.repository, self.seconds = repository, seconds
+
+    def __getattr__(self, name: str):
+        method = getattr(self.repository, name)
+        if not callable(method):
+            return method
+
+        def timed(*args, **kwargs):
+            with self.seconds.labels(name).time():
+                return method(*args, **kwargs)
+
+        return timed

@@ -48,8 +48,15 @@ class Settings(BaseSettings):
     read_timeout_s: float = Field(10.0, gt=0, description="time for a request (headers and body) to arrive; then 408")
     ws_send_timeout_s: float = Field(
         10.0, gt=0, description="a WebSocket client that reads nothing for this long is cancelled and dropped")
-    job_ttl_s: float = Field(600.0, gt=0, description="how long finished jobs stay readable")
-    max_jobs: int = Field(1024, ge=1, description="jobs remembered at once (finished ones are dropped first)")
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs stay readable")
+    max_jobs: int = Field(1024, ge=1, description="unfinished jobs at once; beyond: 429")
+
+    # Durable jobs
+    state_dir: Path = Field(Path("state"), description="where the default job store lives")
+    jobs_db: str | None = Field(None, description="sqlite:///path.db (default: <state-dir>/jobs.db), "
+                                                   "redis://host:port/db (shared by replicas) or memory://")
+    jobs_max_bytes: int = Field(1 << 30, ge=1 << 20, description="stored results at most; oldest finished go first")
+    job_max_attempts: int = Field(3, ge=1, description="runs a job may start before an interrupted one ends failed")
 
     # Security
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
@@ -87,6 +94,10 @@ class Settings(BaseSettings):
             max_images_per_request=self.max_images_per_request,
             torch_threads=torch_threads,
         )
+
+    @property
+    def jobs_url(self) -> str:
+        return self.jobs_db or f"sqlite:///{self.state_dir / 'jobs.db'}"
 
     @property
     def auth_enabled(self) -> bool:

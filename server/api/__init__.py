@@ -2,6 +2,6 @@
 
 from server.api import generate, jobs, stream, system
 
-ROUTERS = (system.public, system.protected, generate.router, jobs.router, stream.router)
+ROUTERS = (system.public, system.protected, generate.router, jobs.router, jobs.websocket_router, stream.router)
 
 __all__ = ["ROUTERS"]

@@ -14,9 +14,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
 from server.api.errors import ApiError
-from server.api.jobstore import JobStore
 from server.api.limits import OwnerSlots
 from server.contract import EngineClient, GenerationSpec, InvalidSpec, RequestLimits, ValidSpec, validate
+from server.jobs import JobService
 from server.metrics import Metrics
 from server.settings import Settings, key_id
 
@@ -29,7 +29,7 @@ class ServerState:
     engine: EngineClient
     metrics: Metrics
     limits: RequestLimits  # the engine's, from its model_info()
-    jobs: JobStore
+    jobs: JobService
     slots: OwnerSlots
 
     def accept(self, spec: GenerationSpec) -> ValidSpec:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.contract import EngineClosed, EngineError, GenerationFailed, InvalidSpec, QueueFull
+from server.jobs import JobNotFound, StoreError, TooManyJobs
 
 # Why a generation ended without images -> HTTP status. 499: the client closed the request (nginx).
 FAILURE_STATUS = {"cancelled": 499, "timeout": 504, "shutdown": 503, "out_of_memory": 503, "internal": 500}
@@ -44,6 +45,12 @@ def api_error_for(exc: Exception) -> ApiError:
         return ApiError(FAILURE_STATUS.get(failure.code, 500), failure.code, failure.message)
     if isinstance(exc, EngineError):
         return ApiError(503, "unavailable", str(exc))
+    if isinstance(exc, JobNotFound):
+        return ApiError(404, "not_found", str(exc))
+    if isinstance(exc, TooManyJobs):
+        return ApiError(429, "too_many_jobs", str(exc), {"Retry-After": "5"})
+    if isinstance(exc, StoreError):
+        return ApiError(503, "store_unavailable", f"the job store failed; nothing was stored: {exc}")
     raise TypeError(f"not an API error: {exc!r}") from exc
 
 
@@ -65,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_engine_error(request: Request, exc: Exception) -> JSONResponse:
         return await on_api_error(request, api_error_for(exc))
 
-    for error_class in (EngineError, InvalidSpec, GenerationFailed):
+    for error_class in (EngineError, InvalidSpec, GenerationFailed, JobNotFound, TooManyJobs, StoreError):
         app.add_exception_handler(error_class, on_engine_error)
 
     @app.exception_handler(RequestValidationError)

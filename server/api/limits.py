@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from server.api.errors import ApiError
@@ -23,6 +23,10 @@ class OwnerSlots:
             raise ApiError(429, "too_many_requests", f"at most {self.limit} open requests per API key",
                            {"Retry-After": "1"})
         self.open[owner] += 1
+
+    def take(self, owners: Iterable[str | None]) -> None:
+        """Hold slots past the limit: for jobs accepted before a restart, which must run."""
+        self.open.update(owner for owner in owners if owner is not None)
 
     def release(self, owner: str | None) -> None:
         if owner is not None:

@@ -60,10 +60,9 @@ class GenerateRequest(BaseModel):
         return {}  # REST answers with the final images only
 
 
-class StreamRequest(GenerateRequest):
-    """The one message a WebSocket client sends to start: GenerateRequest plus previews."""
+class JobRequest(GenerateRequest):
+    """POST /jobs: GenerateRequest plus previews, for clients that attach to WS /ws/jobs/{id}."""
 
-    type: Literal["generate"] = "generate"
     preview_every: JsonInt | None = Field(
         None, json_schema_extra=bounds(0), description="frames every k steps (0: none; absent: the server's default)"
     )
@@ -72,6 +71,12 @@ class StreamRequest(GenerateRequest):
     def previews(self, default_preview_every: int) -> dict:
         every = default_preview_every if self.preview_every is None else self.preview_every
         return {"preview_every": every, "preview_kinds": tuple(self.preview_kinds)}
+
+
+class StreamRequest(JobRequest):
+    """The one message a WebSocket client sends to start: GenerateRequest plus previews."""
+
+    type: Literal["generate"] = "generate"
 
 
 class ErrorBody(BaseModel):
@@ -90,6 +95,7 @@ class JobCreated(BaseModel):
     id: str
     status: JobState
     queue_position: int | None
+    seed: int = Field(description="the request seed, drawn at acceptance if absent: a re-run gives the same images")
 
 
 class JobView(BaseModel):
@@ -100,5 +106,6 @@ class JobView(BaseModel):
     step: int
     total: int
     eta_s: float | None
+    attempts: int = Field(description="runs started (a restart interrupts a run; each job gets --job-max-attempts)")
     result: Done | None = None
     error: ErrorBody | None = None

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import logging
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -24,7 +25,7 @@ from starlette.responses import JSONResponse
 from server.api.deps import ServerState, State, bearer_token, identify
 from server.api.errors import ApiError, api_error_for, describe_validation_errors, error_json
 from server.api.schemas import StreamRequest
-from server.contract import Done, EngineError, Failed, InvalidSpec, RequestHandle, event_json
+from server.contract import Done, EngineError, Event, Failed, InvalidSpec, RequestHandle, event_json
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
@@ -61,16 +62,26 @@ class SlowClient(Exception):
 
 @router.websocket("/ws/generate")
 async def stream(websocket: WebSocket, state: State) -> None:
-    offered = websocket.scope.get("subprotocols", [])
     try:
-        presented = bearer_token(websocket.headers.get("authorization")) or subprotocol_key(offered)
-        owner = identify(state.settings, presented)
+        owner = websocket_owner(websocket, state)
     except ApiError as exc:
         await deny(websocket, exc)
         return
-    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    await accept(websocket)
     with state.metrics.websockets_open.track_inprogress():
         await serve_stream(websocket, state, owner)
+
+
+def websocket_owner(websocket: WebSocket, state: ServerState) -> str | None:
+    """The caller's key id (None without keys); ApiError(401) for a missing or unknown key."""
+    offered = websocket.scope.get("subprotocols", [])
+    presented = bearer_token(websocket.headers.get("authorization")) or subprotocol_key(offered)
+    return identify(state.settings, presented)
+
+
+async def accept(websocket: WebSocket) -> None:
+    offered = websocket.scope.get("subprotocols", [])
+    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
 
 
 async def serve_stream(websocket: WebSocket, state: ServerState, owner: str | None) -> None:
@@ -126,7 +137,7 @@ async def receive_text(websocket: WebSocket, max_bytes: int) -> str:
 
 async def relay(websocket: WebSocket, handle: RequestHandle, max_bytes: int, send_timeout_s: float) -> None:
     """Forward the engine's events while listening for cancel; either side ending ends both."""
-    forward = asyncio.ensure_future(forward_events(websocket, handle, send_timeout_s))
+    forward = asyncio.ensure_future(forward_events(websocket, handle.events(), send_timeout_s))
     listen = asyncio.ensure_future(listen_for_cancel(websocket, handle, max_bytes))
     try:
         finished, _ = await asyncio.wait({forward, listen}, return_when=asyncio.FIRST_COMPLETED)
@@ -140,8 +151,9 @@ async def relay(websocket: WebSocket, handle: RequestHandle, max_bytes: int, sen
         handle.cancel()  # a no-op once finished; frees the lanes if we got here any other way
 
 
-async def forward_events(websocket: WebSocket, handle: RequestHandle, send_timeout_s: float) -> None:
-    async for event in handle.events():
+async def forward_events(websocket: WebSocket, events: AsyncIterator[Event], send_timeout_s: float) -> None:
+    """Send each event; close after the last (1001 for a shutdown, else 1000)."""
+    async for event in events:
         try:
             await asyncio.wait_for(websocket.send_json(event_json(event)), send_timeout_s)
         except asyncio.TimeoutError:

@@ -16,7 +16,7 @@ API_KEYS = ("key-alice-0123456789", "key-bob-9876543210")
 
 
 @contextmanager
-def serve_fake(engine_kwargs: dict | None = None, **settings) -> Iterator[tuple[TestClient, FakeEngine]]:
+def serve_fake(engine_kwargs: dict | None = None, repository=None, **settings) -> Iterator[tuple[TestClient, FakeEngine]]:
     """A TestClient on a fresh app whose engine is a FakeEngine (yielded too, once started)."""
     engines: list[FakeEngine] = []
 
@@ -25,7 +25,8 @@ def serve_fake(engine_kwargs: dict | None = None, **settings) -> Iterator[tuple[
                                   **(engine_kwargs or {})))
         return engines[0]
 
-    app = create_app(Settings(weights="unused.safetensors", **settings), engine_factory=factory)
+    settings = {"jobs_db": "memory://", **settings}
+    app = create_app(Settings(weights="unused.safetensors", **settings), engine_factory=factory, repository=repository)
     with TestClient(app) as client:
         yield client, engines[0]
 

@@ -39,7 +39,7 @@ def run_server(weights: Path, log_dir: Path, *flags: str, env: dict[str, str] | 
     port = free_port()
     log = log_dir / f"ddpm-serve-{port}.log"
     command = [sys.executable, "-m", "server.cli", "--weights", str(weights), "--port", str(port),
-               "--log-level", "warning", *flags]
+               "--log-level", "warning", "--state-dir", str(log_dir / f"state-{port}"), *flags]
     # One torch thread: on a small shared CPU, two threads spinning against each other are 10x slower.
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with log.open("wb") as sink:

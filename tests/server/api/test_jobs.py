@@ -83,14 +83,14 @@ def test_finished_jobs_expire_after_the_ttl():
         assert client.get(f"/jobs/{job_id}").status_code == 404
 
 
-def test_store_drops_the_oldest_finished_job_and_refuses_when_all_are_unfinished():
+def test_unfinished_jobs_are_bounded_and_finished_ones_do_not_count():
     with serve_fake(max_jobs=2) as (client, engine):
         first = client.post("/jobs", json={"steps": 1}).json()["id"]
         poll_until_finished(client, first)
         engine.gate.clear()
         client.post("/jobs", json={"steps": 1})
-        client.post("/jobs", json={"steps": 1})  # makes room by dropping `first`
-        assert client.get(f"/jobs/{first}").status_code == 404
+        client.post("/jobs", json={"steps": 1})
+        assert client.get(f"/jobs/{first}").status_code == 200  # finished: kept for the TTL
         refused = client.post("/jobs", json={"steps": 1})
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
         assert "retry-after" in refused.headers
