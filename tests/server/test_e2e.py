@@ -21,7 +21,7 @@ from server.settings import Settings
 def client(tiny_weights):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared 2-core CI box: one thread is far faster than two contending
-    app = create_app(Settings(weights=tiny_weights, max_batch=8, max_images_per_request=4))
+    app = create_app(Settings(weights=tiny_weights, max_batch=8, max_images_per_request=4, jobs_db="memory://"))
     with TestClient(app) as client:
         yield client
     torch.set_num_threads(threads)
