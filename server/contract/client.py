@@ -7,7 +7,7 @@ against it, member by member.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from .events import Done, Event, ModelInfo, RequestStatus
@@ -47,8 +47,12 @@ class EngineClient(Protocol):
 
     def model_info(self) -> ModelInfo: ...
 
-    def submit(self, spec: ValidSpec) -> RequestHandle:
-        """Accept a request or raise EngineError (QueueFull, EngineClosed). Never blocks."""
+    def submit(self, spec: ValidSpec, on_start: Callable[[], None] | None = None) -> RequestHandle:
+        """Accept a request or raise EngineError (QueueFull, EngineClosed). Never blocks.
+
+        `on_start` is called once, before the request's first U-Net call, from the engine's own
+        thread, and the engine waits for it: the job store records a run there, so a run that
+        kills the worker is still counted. It must be quick and thread-safe."""
         ...
 
     def cancel(self, request_id: str) -> bool:

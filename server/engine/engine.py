@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -125,7 +125,7 @@ class Engine:
 
     # ---- the client interface (on the asyncio loop; never blocks) ----
 
-    def submit(self, spec: ValidSpec) -> ChannelHandle:
+    def submit(self, spec: ValidSpec, on_start: Callable[[], None] | None = None) -> ChannelHandle:
         if not isinstance(spec, ValidSpec) or spec.limits != self.limits:
             raise TypeError("submit takes a ValidSpec from server.contract.validate(spec, engine.model_info().limits)")
         if self._loop is None:
@@ -134,7 +134,7 @@ class Engine:
         plan = self._runner.plan(spec.sampler, spec.steps, spec.eta)
         timeout_s = self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s
         channel = EventChannel(self._loop)
-        request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel)
+        request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel, on_start)
         with self._lock:
             if self._closing:
                 rejection = "closed"
@@ -297,6 +297,7 @@ class Engine:
                     self._waiting.popleft()
             self._waiting_images -= plan.admitted
         for request in started:
+            request.announce_start()
             self._publisher.send(request.channel, Started(id=request.id))
             self.observer.on_start(request.started_at - request.submitted_at)
         return self._running[: plan.run]

@@ -7,7 +7,9 @@ any batch, beside any other lanes, at any step of theirs.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,8 @@ from model.samplers import SamplingPlan, image_generator, image_seed
 from server.contract import RequestState, ValidSpec
 from server.contract.channel import EventChannel
 
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,10 @@ class Request:
     """Everything the engine knows about one accepted request. Owned by the engine thread,
     except the fields `status` reads under the engine's lock and the cancel flag."""
 
-    def __init__(self, request_id: str, spec: ValidSpec, plan: LanePlan, timeout_s: float, channel: EventChannel):
+    def __init__(self, request_id: str, spec: ValidSpec, plan: LanePlan, timeout_s: float, channel: EventChannel,
+                 on_start: Callable[[], None] | None = None):
         self.id = request_id
+        self.on_start = on_start
         self.spec = spec
         self.seed = spec.seed
         self.plan = plan
@@ -118,6 +124,14 @@ class Request:
         self.lanes.extend(lanes)
         self.lanes_waiting -= count
         return lanes
+
+    def announce_start(self) -> None:
+        """The caller's on_start hook (see EngineClient.submit); a failing hook fails nothing."""
+        if self.on_start is not None:
+            try:
+                self.on_start()
+            except Exception:
+                log.exception("the start hook of request %s failed", self.id)
 
     def image_seed(self, index: int) -> int:
         return image_seed(self.seed, index)

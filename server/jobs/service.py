@@ -97,7 +97,7 @@ class JobService:
         return record
 
     def start(self, job: LiveJob) -> None:
-        job.handle = self.engine.submit(job.spec)
+        job.handle = self.engine.submit(job.spec, on_start=lambda: self.record_run(job.record))
         self.live[job.record.id] = job
         job.follower = asyncio.create_task(self.follow_run(job), name=f"job-{job.record.id}")
 
@@ -106,10 +106,7 @@ class JobService:
         try:
             async for event in job.handle.events():
                 event = event.model_copy(update={"id": record.id})  # clients know the job's id, not the run's
-                if isinstance(event, Started):
-                    record.status, record.attempts = "running", record.attempts + 1
-                    self.repository.save(record)
-                elif isinstance(event, (Done, Failed)):
+                if isinstance(event, (Done, Failed)):
                     self.finish(record, event)
                 job.latest = event if isinstance(event, (Queued, Started, Progress)) else job.latest
                 for channel in job.subscribers:
@@ -120,6 +117,12 @@ class JobService:
             self.live.pop(record.id, None)
             job.ended.set()
             self.on_release(record.owner)
+
+    def record_run(self, record: JobRecord) -> None:
+        """From the engine's thread, before the run's first step: so that a run that kills the
+        worker is counted, and a crash loop ends at the attempt limit."""
+        record.status, record.attempts = "running", record.attempts + 1
+        self.repository.save(record)
 
     def finish(self, record: JobRecord, outcome: Done | Failed) -> None:
         if isinstance(outcome, Failed) and outcome.code == "shutdown" and self.durable:

@@ -58,6 +58,7 @@ class FakeHandle:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     ended: Done | Failed | None = None
+    on_start: object = None
 
     async def events(self):
         while True:
@@ -111,7 +112,7 @@ class FakeEngine:
     def queued_images(self) -> int:
         return sum(h.spec.n for h in self.handles.values() if h.state == RequestState.QUEUED)
 
-    def submit(self, spec: ValidSpec) -> FakeHandle:
+    def submit(self, spec: ValidSpec, on_start=None) -> FakeHandle:
         assert isinstance(spec, ValidSpec) and spec.limits == self.limits
         if self.closing:
             self.observer.on_reject("closed")
@@ -119,7 +120,7 @@ class FakeEngine:
         if self.queued_images() + spec.n > self.max_queue:
             self.observer.on_reject("queue_full")
             raise QueueFull(retry_after_s=2.5)
-        handle = FakeHandle(id=f"req-{next(self.ids)}", seed=spec.seed, spec=spec)
+        handle = FakeHandle(id=f"req-{next(self.ids)}", seed=spec.seed, spec=spec, on_start=on_start)
         self.handles[handle.id] = handle
         self.observer.on_submit(spec.n)
         task = asyncio.get_running_loop().create_task(self.run(handle))
@@ -136,6 +137,8 @@ class FakeEngine:
             return self.finish(handle, Failed(id=handle.id, code="shutdown" if self.closing else "cancelled",
                                               message="cancelled"))
         handle.state = RequestState.RUNNING
+        if handle.on_start is not None:
+            handle.on_start()
         self.observer.on_start(time.perf_counter() - submitted)
         handle.queue.put_nowait(Started(id=handle.id))
         for step in range(1, total + 1):
