@@ -15,6 +15,8 @@ import argparse
 import base64
 import json
 import os
+import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -22,8 +24,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import connect
+
+URL_FORM = "http://host:port"
+SUBPROTOCOL = "ddpm"  # what the server selects; the key travels as a second one, "bearer.<base64url(key)>"
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,80 @@ class GeneratedImage:
 
 
 class DDPMError(Exception):
-    """The server refused or failed a request: HTTP status (0 on a WebSocket), code and message."""
+    """The server refused or failed a request: HTTP status (0 on a WebSocket), code and message.
+
+    str() is one line: "401 unauthorized: a valid API key is required ..." ("code: message" without
+    an HTTP status)."""
 
     def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"{code}: {message}" + (f" (HTTP {status})" if status else ""))
+        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
         self.status, self.code, self.message = status, code, message
+
+
+class DDPMConnectionError(DDPMError):
+    """The server could not be reached: "cannot connect to http://127.0.0.1:8000: connection refused"."""
+
+    def __init__(self, url: str, reason: str):
+        DDPMError.__init__(self, 0, "cannot_connect", f"cannot connect to {url}: {reason}")
+        self.url, self.reason = url, reason
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def normalize_url(url: str) -> str:
+    """The server's base URL: http:// is assumed when no scheme is given ("localhost:8000"),
+    ws:// and wss:// mean http:// and https://; anything else is a ValueError naming the expected form."""
+    url = url.strip()
+    scheme_match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
+    if scheme_match is None:
+        url = "http://" + url
+    else:
+        scheme = scheme_match.group(1).lower()
+        replacement = {"http": "http", "https": "https", "ws": "http", "wss": "https"}.get(scheme)
+        if replacement is None:
+            raise ValueError(f"unsupported URL scheme in {url!r}: expected {URL_FORM}")
+        url = replacement + url[len(scheme):]
+    url = url.rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid URL {url!r} ({exc}): expected {URL_FORM}") from None
+    if not parsed.host:
+        raise ValueError(f"invalid URL {url!r}: no host; expected {URL_FORM}")
+    return url
+
+
+def key_subprotocol(api_key: str) -> str:
+    """The WebSocket subprotocol that carries the API key: "bearer." + base64url(UTF-8 key), no padding.
+    Browsers cannot set headers on a WebSocket, and a key in the URL lands in access logs."""
+    return "bearer." + base64.urlsafe_b64encode(api_key.encode()).rstrip(b"=").decode("ascii")
+
+
+def connection_failure_reason(exc: BaseException) -> str:
+    """A short reason for a failed connection, from the OSError at the bottom of the exception chain."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"unknown host ({cause.strerror or cause})"
+        if isinstance(cause, (TimeoutError, socket.timeout, httpx.TimeoutException)):
+            return "timed out"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[0].lower() + cause.strerror[1:]
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
 
 
 class DDPMClient:
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout_s: float = 3600.0):
-        self.url = url.rstrip("/")
+        """url: http(s)://host:port; a bare host:port means http://. A ValueError for a URL that is
+        not one."""
+        self.url = normalize_url(url)
+        self.api_key = api_key or None
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout_s)
 
@@ -70,7 +139,18 @@ class DDPMClient:
         body = request_body(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
                             preview_every=preview_every, preview_kinds=list(preview_kinds))
         ws_url = "ws" + self.url[len("http"):] + "/ws/generate"
-        with connect(ws_url, additional_headers=self.headers, max_size=None) as websocket:
+        subprotocols = [SUBPROTOCOL] + ([key_subprotocol(self.api_key)] if self.api_key else [])
+        try:
+            websocket = connect(ws_url, additional_headers=self.headers, subprotocols=subprotocols, max_size=None)
+        except InvalidStatus as exc:
+            raise http_error(exc.response.status_code, exc.response.body) from exc
+        except InvalidURI as exc:
+            raise DDPMError(0, "invalid_url", f"{exc}: expected {URL_FORM}") from exc
+        except InvalidHandshake as exc:
+            raise DDPMError(0, "handshake_failed", f"{ws_url}: {exc}") from exc
+        except (OSError, TimeoutError) as exc:
+            raise DDPMConnectionError(self.url, connection_failure_reason(exc)) from exc
+        with websocket:
             websocket.send(json.dumps(body))
             try:
                 for message in websocket:
@@ -90,7 +170,7 @@ class DDPMClient:
         return self.call("GET", f"/jobs/{job_id}")
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self.call("DELETE", f"/jobs/{job_id}")
+        return self.call("POST", f"/jobs/{job_id}/cancel")
 
     def wait_job(self, job_id: str, poll_s: float = 0.5) -> list[GeneratedImage]:
         while (job := self.job(job_id))["status"] in ("queued", "running"):
@@ -103,14 +183,23 @@ class DDPMClient:
         return self.call("GET", "/models")
 
     def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        response = self.http.request(method, path, **kwargs)
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise DDPMConnectionError(self.url, connection_failure_reason(exc)) from exc
         if response.is_error:
-            try:
-                error = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                error = {"code": "http_error", "message": response.text[:200]}
-            raise DDPMError(response.status_code, error["code"], error["message"])
+            raise http_error(response.status_code, response.content)
         return response.json()
+
+
+def http_error(status: int, body: bytes | None) -> DDPMError:
+    """The DDPMError for an HTTP error response: the server's {"error": {code, message}}, else the text."""
+    try:
+        error = json.loads(body or b"")["error"]
+        return DDPMError(status, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        text = " ".join((body or b"").decode(errors="replace").split())[:200]
+        return DDPMError(status, "http_error", text or "no details")
 
 
 def request_body(**fields: Any) -> dict[str, Any]:
@@ -134,14 +223,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    # Every failure below is one line on stderr and a non-zero status, never a traceback.
+    try:
+        args.url = normalize_url(args.url)
+    except ValueError as exc:
+        print(f"ddpm-generate: error: --url: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    try:
+        return generate_files(args)
+    except KeyboardInterrupt:
+        print("ddpm-generate: interrupted", file=sys.stderr)
+        return 130
+    except (DDPMError, OSError, httpx.HTTPError, WebSocketException) as exc:
+        hint = " (give --api-key or set DDPM_API_KEY)" if isinstance(exc, DDPMError) and exc.status == 401 else ""
+        print(f"ddpm-generate: error: {one_line(str(exc))}{hint}", file=sys.stderr)
+        return 1
 
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def generate_files(args: argparse.Namespace) -> int:
+    """Stream one request, show a progress bar once the server answers, save the PNGs."""
     from tqdm import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)
     with DDPMClient(args.url, args.api_key) as client:
-        bar = tqdm(desc="denoising", unit="step", disable=args.quiet)
+        bar = None  # made at the first event, so a failed connection prints nothing but its error
         try:
             for event in client.stream(args.n, args.steps, args.sampler, args.eta, args.seed):
+                if bar is None:
+                    bar = tqdm(desc="denoising", unit="step", disable=args.quiet)
                 if event["type"] == "queued":
                     bar.set_postfix_str(f"queue position {event['position']}")
                 elif event["type"] == "progress":
@@ -154,10 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                         path = args.out / f"ddpm-{event['seed']}-{image.index}.png"
                         path.write_bytes(image.png)
                         print(f"{path}  (image seed {image.seed})")
-        except (DDPMError, OSError) as exc:
-            bar.close()
-            print(f"ddpm-generate: error: {exc}", file=sys.stderr)
-            return 1
+        finally:
+            if bar is not None:
+                bar.close()
     return 0
 
 

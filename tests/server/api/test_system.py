@@ -135,7 +135,7 @@ def test_flags_override_env(monkeypatch):
 def test_unloadable_weights_end_startup_with_one_line(tmp_path, capsys, make_weights, message):
     path = tmp_path / "model.safetensors"
     make_weights(path)
-    assert cli.main(["--weights", str(path), "--port", "0"]) == 1
+    assert cli.main(["--weights", str(path), "--port", "0", "--jobs-db", "memory://"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ddpm-serve: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -147,7 +147,7 @@ def test_unloadable_weights_end_startup_with_one_line(tmp_path, capsys, make_wei
     pytest.param("cuda", "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_device_problems_are_named_in_one_line(tiny_weights, capsys, device, message):
-    assert cli.main(["--weights", str(tiny_weights), "--device", device, "--port", "0"]) == 1
+    assert cli.main(["--weights", str(tiny_weights), "--device", device, "--port", "0", "--jobs-db", "memory://"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ddpm-serve: error: ") and message in err and err.count("\n") == 1
 
@@ -178,3 +178,11 @@ def test_make_serve_passes_args_to_ddpm_serve():
     result = subprocess.run(["make", "-n", "serve", "ARGS=--port 9000 --max-batch 8"], cwd=PROJECT_ROOT,
                             capture_output=True, text=True, check=True)
     assert result.stdout.rstrip().endswith("ddpm-serve --port 9000 --max-batch 8")
+
+
+def test_a_corrupt_job_store_ends_startup_with_one_line(tiny_weights, tmp_path, capsys):
+    corrupt = tmp_path / "jobs.db"
+    corrupt.write_bytes(b"not a database" * 100)
+    assert cli.main(["--weights", str(tiny_weights), "--port", "0", "--jobs-db", f"sqlite:///{corrupt}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm-serve: error: cannot open the job store") and err.count("\n") == 1
