@@ -196,7 +196,10 @@ class JobService:
             return
         if job.handle is None:  # still waiting for room: never reached the engine
             self.waiting.remove(job)
-            self.finish(job.record, Failed(id=job_id, code="cancelled", message="cancelled by the client"))
+            cancelled = Failed(id=job_id, code="cancelled", message="cancelled by the client")
+            self.finish(job.record, cancelled)
+            for channel in job.subscribers:
+                channel.put(cancelled)
             self.on_release(job.record.owner)
             return
         if job.handle.cancel():
