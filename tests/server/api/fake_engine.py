@@ -84,12 +84,13 @@ class FakeHandle:
 
 class FakeEngine:
     def __init__(self, observer: EngineObserver, num_timesteps: int = 50, step_s: float = 0.0, max_queue: int = 64,
-                 max_images_per_request: int = 16):
+                 max_images_per_request: int = 16, paused: bool = False):
         self.num_timesteps, self.step_s, self.max_queue = num_timesteps, step_s, max_queue
         self.limits = RequestLimits(num_timesteps, max_images_per_request)
         self.observer = observer
         self.gate = asyncio.Event()
-        self.gate.set()
+        if not paused:  # paused: requests stay queued from the start (until gate.set())
+            self.gate.set()
         self.handles: dict[str, FakeHandle] = {}
         self.tasks: set[asyncio.Task] = set()
         self.started = self.closing = False

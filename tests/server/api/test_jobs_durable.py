@@ -33,6 +33,22 @@ def test_jobs_cut_short_by_a_shutdown_run_after_the_restart(tmp_path):
     assert all(v["attempts"] == 1 for v in views)  # never started before: no attempt spent
 
 
+def test_recovered_jobs_wait_for_room_in_the_engine_and_can_be_cancelled_meanwhile(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with serve_fake(jobs_db=url) as (client, engine):
+        engine.gate.clear()
+        first, second, third = (client.post("/jobs", json={"steps": 2}).json()["id"] for _ in range(3))
+    with serve_fake({"max_queue": 1, "paused": True}, jobs_db=url) as (client, engine):
+        assert [client.get(f"/jobs/{job_id}").json()["status"] for job_id in (first, second, third)] == ["queued"] * 3
+        assert len(engine.handles) == 1  # only the first fits the engine's queue; the others wait their turn
+        with client.websocket_connect(f"/ws/jobs/{third}") as websocket:
+            assert websocket.receive_json()["type"] == "queued"
+            assert client.post(f"/jobs/{third}/cancel").json()["status"] == "cancelled"
+            assert websocket.receive_json()["code"] == "cancelled"
+        engine.gate.set()
+        assert [finished(client, job_id)["status"] for job_id in (first, second)] == ["succeeded"] * 2
+
+
 def test_a_job_without_a_seed_is_given_one_when_accepted(served):
     client, _ = served
     job = client.post("/jobs", json={"steps": 2}).json()
