@@ -137,9 +137,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         metrics.jobs_recovered.inc(recovered)
         if recovered:
             log.info("recovered %d unfinished jobs from %s", recovered, settings.jobs_url)
-        log.info("serving %s: %s %s, %.2fM parameters, T=%d, on %s; max batch %d, %s batching",
-                 settings.weights, info.dataset or "model", "x".join(map(str, info.image_shape)),
-                 info.num_parameters / 1e6, info.num_timesteps, info.device, info.max_batch, info.policy)
+        log.info("serving %s: %s %s, %.2fM parameters, T=%d, on %s with %d torch threads; max batch %d, "
+                 "%s batching; jobs in %s", settings.weights, info.dataset or "model",
+                 "x".join(map(str, info.image_shape)), info.num_parameters / 1e6, info.num_timesteps, info.device,
+                 info.threads, info.max_batch, info.policy, settings.jobs_url)
         try:
             yield
         finally:

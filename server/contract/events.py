@@ -118,6 +118,7 @@ class ModelInfo(BaseModel):
     dataset: str | None
     info: dict[str, Any]
     device: str
+    threads: int = Field(description="torch threads of the engine's thread (CPU)")
     samplers: list[str]
     policy: str
     limits: RequestLimits

@@ -193,6 +193,7 @@ class Engine:
             dataset=ddpm.info.get("dataset"),
             info=ddpm.info,
             device=str(self._runner.device),
+            threads=self._torch_threads,
             samplers=sorted(SAMPLERS),
             policy=self.config.policy,
             limits=self.limits,

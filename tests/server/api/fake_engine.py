@@ -183,6 +183,6 @@ class FakeEngine:
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(config={}, num_parameters=1, image_shape=(1, 2, 2), num_timesteps=self.num_timesteps,
-                         dataset="fake", info={}, device="none", samplers=["ddim", "ddpm"], policy="continuous",
+                         dataset="fake", info={}, device="none", threads=1, samplers=["ddim", "ddpm"], policy="continuous",
                          limits=self.limits, max_batch=8, max_queue=self.max_queue, max_preview_fps=10.0,
                          default_timeout_s=60.0)
