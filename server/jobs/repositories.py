@@ -40,7 +40,8 @@ class MemoryRepository:
         self.records[record.id] = record
 
     def save(self, record: JobRecord) -> None:
-        self.records[record.id] = record
+        if record.id in self.records:  # a deleted job stays deleted, as in the other stores
+            self.records[record.id] = record
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.records.get(job_id)

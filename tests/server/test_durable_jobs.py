@@ -1,5 +1,5 @@
-"""Accepted jobs survive `kill -9`: real `ddpm-serve` processes on one SQLite store, the real
-engine, images compared with DDPM.sample for each job's seed."""
+"""Accepted jobs survive `kill -9`: real `ddpm-serve` processes on one SQLite store (or one real
+Redis, tests/redis_server.py), the real engine, images compared with DDPM.sample for each job's seed."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from PIL import Image
 import model
 from model.data import to_uint8
 from server.settings import SHIPPED_WEIGHTS
+from tests.redis_server import redis_server  # noqa: F401  (a fixture)
 from tests.server.api.live_server import free_port, run_server
 
 # Killed by the sitecustomize below whenever a batch holds a lane of this seed.
@@ -58,8 +59,16 @@ def pixels(view: dict) -> np.ndarray:
                      for image in view["result"]["data"]])
 
 
-def test_kill_9_loses_nothing_and_the_rerun_gives_the_same_images(tmp_path):
-    state = ("--state-dir", str(tmp_path / "state"), "--max-batch", "1")
+@pytest.fixture(params=["sqlite", "redis"])
+def store_flags(request, tmp_path) -> tuple[str, ...]:
+    """The job store both servers share: the default SQLite file in the state dir, or one Redis."""
+    if request.param == "sqlite":
+        return ("--state-dir", str(tmp_path / "state"))
+    return ("--jobs-db", request.getfixturevalue("redis_server").url_for("kill9"))
+
+
+def test_kill_9_loses_nothing_and_the_rerun_gives_the_same_images(tmp_path, store_flags):
+    state = (*store_flags, "--max-batch", "1")
     with run_server(SHIPPED_WEIGHTS, tmp_path, *state) as server:
         finished = post_job(server.url, steps=5, sampler="ddim", seed=1)
         wait_for(lambda: job(server.url, finished["id"])["status"] == "succeeded")
