@@ -130,11 +130,13 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         info = engine.model_info()
         jobs = JobService(metrics.watch_jobs(store), engine, info.limits, durable=store.durable,
                           ttl_s=settings.job_ttl_s, max_jobs=settings.max_jobs, max_bytes=settings.jobs_max_bytes,
-                          max_attempts=settings.job_max_attempts, on_release=slots.release)
+                          max_attempts=settings.job_max_attempts, worker=settings.worker_name,
+                          lease_s=settings.job_lease_s, on_release=slots.release)
         app.state.server = ServerState(settings, engine, metrics, info.limits, jobs, slots)
         recovered = jobs.recover()
         slots.take(job.record.owner for job in jobs.waiting)
         metrics.jobs_recovered.inc(recovered)
+        jobs.keep_leases(on_recovered=metrics.jobs_recovered.inc)
         if recovered:
             log.info("recovered %d unfinished jobs from %s", recovered, settings.jobs_url)
         log.info("serving %s: %s %s, %.2fM parameters, T=%d, on %s with %d torch threads; max batch %d, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -57,6 +58,10 @@ class Settings(BaseSettings):
                                                    "redis://host:port/db (shared by replicas) or memory://")
     jobs_max_bytes: int = Field(1 << 30, ge=1 << 20, description="stored results at most; oldest finished go first")
     job_max_attempts: int = Field(3, ge=1, description="runs a job may start before an interrupted one ends failed")
+    job_lease_s: float = Field(30.0, gt=0, description="a server's hold on its unfinished jobs, renewed while it "
+                                                       "lives; other servers on the store take them over after it")
+    worker_id: str | None = Field(None, description="this server's name in the job store (default: host:port); "
+                                                    "a restart under the same name takes its jobs back at once")
 
     # Security
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
@@ -94,6 +99,10 @@ class Settings(BaseSettings):
             max_images_per_request=self.max_images_per_request,
             torch_threads=torch_threads,
         )
+
+    @property
+    def worker_name(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}:{self.port}"
 
     @property
     def jobs_url(self) -> str:

@@ -30,6 +30,8 @@ class JobRecord:
     finished: float | None = None
     result: str | None = None  # the Done event's JSON (base64 PNGs)
     error: dict[str, str] | None = None  # {"code", "message"}
+    worker: str | None = None  # the server that holds the job while it is unfinished...
+    lease_until: float | None = None  # ...until then, unless it renews its lease
 
     @property
     def unfinished(self) -> bool:
@@ -77,6 +79,14 @@ class JobRepository(Protocol):
 
     def unfinished(self) -> list[JobRecord]:
         """Queued and running records, in acceptance order."""
+
+    def claim(self, worker: str, now: float, until: float) -> list[JobRecord]:
+        """Atomically take, for `worker` until `until`, the unfinished records that no live server
+        holds: no worker, `worker` itself (a previous life), or a lease that ended before `now`.
+        Returns them in acceptance order."""
+
+    def renew(self, worker: str, until: float) -> None:
+        """Extend the leases of `worker`'s unfinished records to `until`."""
 
     def prune(self, finished_before: float, max_bytes: int) -> int:
         """Delete finished records older than `finished_before`, then the oldest finished ones

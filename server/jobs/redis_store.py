@@ -112,6 +112,29 @@ return removed
 """
 
 
+# KEYS: unfinished. ARGV: worker, now, until. Takes the unfinished jobs no live server holds (see
+# records.JobRepository.claim) and returns their keys, in seq order.
+CLAIM = """
+local claimed = {}
+for _, key in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local held = redis.call('HMGET', key, 'worker', 'lease_until')
+  if not held[1] or held[1] == ARGV[1] or not held[2] or tonumber(held[2]) < tonumber(ARGV[2]) then
+    redis.call('HSET', key, 'worker', ARGV[1], 'lease_until', ARGV[3])
+    claimed[#claimed + 1] = key
+  end
+end
+return claimed
+"""
+
+# KEYS: unfinished. ARGV: worker, until.
+RENEW = """
+for _, key in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HGET', key, 'worker') == ARGV[1] then redis.call('HSET', key, 'lease_until', ARGV[2]) end
+end
+return 0
+"""
+
+
 class RedisRepository:
     """Job records in Redis, which several replicas may share. Durable as far as Redis is:
     records outlive this process; whether they outlive Redis is its persistence's business
@@ -140,7 +163,8 @@ class RedisRepository:
                 self.client.close()
                 raise
             self.scripts = {name: self.client.register_script(source)
-                            for name, source in (("add", ADD), ("save", SAVE), ("delete", DELETE), ("prune", PRUNE))}
+                            for name, source in (("add", ADD), ("save", SAVE), ("delete", DELETE), ("prune", PRUNE),
+                                                 ("claim", CLAIM), ("renew", RENEW))}
         except (*self.errors, ValueError) as exc:
             raise StoreError(f"cannot open the job store {self.url}: {self.say(exc)}") from None
         self.keys = {name: self.prefix + name for name in KEYS}
@@ -199,15 +223,26 @@ class RedisRepository:
                   keys=[k["unfinished"], k["finished"], k["counts"], k["bytes"], self.job_key(job_id)], args=[])
 
     def unfinished(self) -> list[JobRecord]:
-        def read() -> list[dict[str, str]]:
-            keys = self.client.zrange(self.keys["unfinished"], 0, -1)
+        return self.read(self.call(self.client.zrange, self.keys["unfinished"], 0, -1))
+
+    def read(self, keys: list[str]) -> list[JobRecord]:
+        """The unfinished ones of these records, in seq order."""
+        def hgetall_all() -> list[dict[str, str]]:
             pipe = self.client.pipeline(transaction=True)
             for key in keys:
                 pipe.hgetall(key)
             return pipe.execute() if keys else []
 
-        records = [self.record_of(fields) for fields in self.call(read) if fields]  # one deleted meanwhile: gone
+        records = [self.record_of(fields) for fields in self.call(hgetall_all) if fields]  # one deleted meanwhile: gone
         return sorted((r for r in records if r.unfinished), key=lambda r: r.seq)
+
+    def claim(self, worker: str, now: float, until: float) -> list[JobRecord]:
+        keys = self.call(self.scripts["claim"], keys=[self.keys["unfinished"]],
+                         args=[worker, repr(float(now)), repr(float(until))])
+        return [r for r in self.read(keys) if r.worker == worker]
+
+    def renew(self, worker: str, until: float) -> None:
+        self.call(self.scripts["renew"], keys=[self.keys["unfinished"]], args=[worker, repr(float(until))])
 
     def prune(self, finished_before: float, max_bytes: int) -> int:
         k = self.keys
@@ -229,7 +264,9 @@ def optional_fields(record: JobRecord) -> tuple[list[tuple[str, str]], list[str]
     """The fields that may be None: those to set (name, value), and those to delete."""
     values = {"finished": None if record.finished is None else repr(float(record.finished)),
               "result": record.result,
-              "error": None if record.error is None else json.dumps(record.error)}
+              "error": None if record.error is None else json.dumps(record.error),
+              "worker": record.worker,
+              "lease_until": None if record.lease_until is None else repr(float(record.lease_until))}
     return ([(name, value) for name, value in values.items() if value is not None],
             [name for name, value in values.items() if value is None])
 
@@ -244,7 +281,9 @@ def record_of(fields: dict[str, str]) -> JobRecord:
                      created=float(fields["created"]),
                      finished=float(fields["finished"]) if "finished" in fields else None,
                      result=fields.get("result"),
-                     error=json.loads(fields["error"]) if "error" in fields else None)
+                     error=json.loads(fields["error"]) if "error" in fields else None,
+                     worker=fields.get("worker"),
+                     lease_until=float(fields["lease_until"]) if "lease_until" in fields else None)
 
 
 def without_prefix(url: str) -> tuple[str, str]:

@@ -52,6 +52,17 @@ class MemoryRepository:
     def unfinished(self) -> list[JobRecord]:
         return sorted((r for r in self.records.values() if r.unfinished), key=lambda r: r.seq)
 
+    def claim(self, worker: str, now: float, until: float) -> list[JobRecord]:
+        claimed = [r for r in self.unfinished() if claimable(r.worker, r.lease_until, worker, now)]
+        for record in claimed:
+            record.worker, record.lease_until = worker, until
+        return claimed
+
+    def renew(self, worker: str, until: float) -> None:
+        for record in self.unfinished():
+            if record.worker == worker:
+                record.lease_until = until
+
     def prune(self, finished_before: float, max_bytes: int) -> int:
         finished = sorted((r for r in self.records.values() if not r.unfinished), key=lambda r: r.finished)
         total = sum(r.size for r in finished)
@@ -86,11 +97,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     result TEXT,
     error TEXT,
-    size INTEGER NOT NULL DEFAULT 0
+    size INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
-COLUMNS = "seq, id, owner, spec, status, attempts, created, finished, result, error"
+COLUMNS = "seq, id, owner, spec, status, attempts, created, finished, result, error, worker, lease_until"
 
 
 class SqliteRepository:
@@ -133,15 +146,18 @@ class SqliteRepository:
     def add(self, record: JobRecord) -> None:
         with self.transaction() as db:
             cursor = db.execute(
-                "INSERT INTO jobs (id, owner, spec, status, attempts, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, record.owner, json.dumps(record.spec), record.status, record.attempts, record.created))
+                "INSERT INTO jobs (id, owner, spec, status, attempts, created, worker, lease_until) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (record.id, record.owner, json.dumps(record.spec), record.status,
+                                                    record.attempts, record.created, record.worker, record.lease_until))
             record.seq = cursor.lastrowid
 
     def save(self, record: JobRecord) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET status = ?, attempts = ?, finished = ?, result = ?, error = ?, size = ? "
-                       "WHERE id = ?", (record.status, record.attempts, record.finished, record.result,
-                                        json.dumps(record.error) if record.error else None, record.size, record.id))
+            db.execute("UPDATE jobs SET status = ?, attempts = ?, finished = ?, result = ?, error = ?, size = ?, "
+                       "worker = ?, lease_until = ? WHERE id = ?",
+                       (record.status, record.attempts, record.finished, record.result,
+                        json.dumps(record.error) if record.error else None, record.size, record.worker,
+                        record.lease_until, record.id))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self.transaction() as db:
@@ -156,6 +172,20 @@ class SqliteRepository:
         with self.transaction() as db:
             rows = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE status IN (?, ?) ORDER BY seq", UNFINISHED).fetchall()
         return [record_of(row) for row in rows]
+
+    def claim(self, worker: str, now: float, until: float) -> list[JobRecord]:
+        with self.transaction() as db:
+            rows = db.execute(f"SELECT {COLUMNS} FROM jobs WHERE status IN (?, ?) ORDER BY seq", UNFINISHED).fetchall()
+            claimed = [record_of(row) for row in rows if claimable(row[10], row[11], worker, now)]
+            db.executemany("UPDATE jobs SET worker = ?, lease_until = ? WHERE id = ?",
+                           [(worker, until, record.id) for record in claimed])
+        for record in claimed:
+            record.worker, record.lease_until = worker, until
+        return claimed
+
+    def renew(self, worker: str, until: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET lease_until = ? WHERE worker = ? AND status IN (?, ?)", (until, worker, *UNFINISHED))
 
     def prune(self, finished_before: float, max_bytes: int) -> int:
         with self.transaction() as db:
@@ -182,6 +212,12 @@ class SqliteRepository:
 
 
 def record_of(row: tuple) -> JobRecord:
-    seq, job_id, owner, spec, status, attempts, created, finished, result, error = row
+    seq, job_id, owner, spec, status, attempts, created, finished, result, error, worker, lease_until = row
     return JobRecord(id=job_id, owner=owner, spec=json.loads(spec), status=status, seq=seq, attempts=attempts,
-                     created=created, finished=finished, result=result, error=json.loads(error) if error else None)
+                     created=created, finished=finished, result=result, error=json.loads(error) if error else None,
+                     worker=worker, lease_until=lease_until)
+
+
+def claimable(holder: str | None, lease_until: float | None, worker: str, now: float) -> bool:
+    """No live server holds it: nobody, this worker in a previous life, or an ended lease."""
+    return holder is None or holder == worker or lease_until is None or lease_until < now

@@ -7,6 +7,10 @@ previous process left queued or running back in the queue, in their original ord
 run again from its record, the same seed giving the same images. A job whose runs were
 interrupted `max_attempts` times (a job that kills the worker, say) ends `failed` instead of
 running forever. A job cut short by a shutdown goes back to `queued` in a durable store.
+
+Several servers may share a store: each holds its unfinished jobs under a lease it renews; a
+server takes over only jobs that no live server holds (its own from a previous life, or those
+whose lease ran out), so no job runs twice at once, and a dead server's jobs go on elsewhere.
 """
 
 from __future__ import annotations
@@ -69,14 +73,16 @@ class LiveJob:
 class JobService:
     def __init__(self, repository: JobRepository, engine: EngineClient, limits: RequestLimits, *,
                  durable: bool, ttl_s: float, max_jobs: int, max_bytes: int, max_attempts: int,
-                 on_release=lambda owner: None):
+                 worker: str, lease_s: float, on_release=lambda owner: None):
         self.repository, self.engine, self.limits = repository, engine, limits
+        self.worker, self.lease_s = worker, lease_s  # this server's name in the store, and its jobs' lease
         self.durable, self.ttl_s, self.max_jobs = durable, ttl_s, max_jobs
         self.max_bytes, self.max_attempts = max_bytes, max_attempts
         self.on_release = on_release  # a job's owner slot is free again
         self.live: dict[str, LiveJob] = {}
         self.waiting: list[LiveJob] = []  # recovered, not yet in the engine (its queue was full)
         self.requeuer: asyncio.Task | None = None
+        self.keeper: asyncio.Task | None = None
         self.last_prune = 0.0
 
     # ---- accepting and running ----
@@ -86,7 +92,8 @@ class JobService:
         self.prune()
         if len(self.live) >= self.max_jobs:
             raise TooManyJobs(f"{self.max_jobs} jobs are unfinished; retry later")
-        record = JobRecord(id=uuid.uuid4().hex, owner=spec.owner, spec=spec_fields(spec))
+        record = JobRecord(id=uuid.uuid4().hex, owner=spec.owner, spec=spec_fields(spec), worker=self.worker,
+                           lease_until=time.time() + self.lease_s)
         self.repository.add(record)
         job = LiveJob(record, spec)
         try:
@@ -138,9 +145,14 @@ class JobService:
     # ---- after a restart ----
 
     def recover(self) -> int:
-        """Queue again what a previous process left unfinished; returns how many."""
+        """Queue again the unfinished jobs no live server holds (this server's previous life's, or
+        those of a server whose lease ran out); returns how many."""
         recovered = 0
-        for record in self.repository.unfinished():
+        now = time.time()
+        ours = set(self.live) | {job.record.id for job in self.waiting}
+        for record in self.repository.claim(self.worker, now, now + self.lease_s):
+            if record.id in ours:
+                continue
             if record.status == "running" and record.attempts >= self.max_attempts:
                 self.fail(record, "interrupted", f"interrupted {record.attempts} times (the server stopped during "
                                                  f"each run); not run again (--job-max-attempts {self.max_attempts})")
@@ -154,9 +166,27 @@ class JobService:
             self.repository.save(record)
             self.waiting.append(LiveJob(record, spec))
             recovered += 1
-        if self.waiting:
+        if self.waiting and (self.requeuer is None or self.requeuer.done()):
             self.requeuer = asyncio.create_task(self.requeue(), name="job-requeue")
         return recovered
+
+    def keep_leases(self, on_recovered=lambda count: None) -> None:
+        """From now on: renew this server's leases three times a lease, and once a lease take
+        over the jobs of servers whose leases ran out (a replica that died)."""
+        async def keep() -> None:
+            ticks = 0
+            while True:
+                await asyncio.sleep(self.lease_s / 3)
+                ticks += 1
+                try:
+                    self.repository.renew(self.worker, time.time() + self.lease_s)
+                    if ticks % 3 == 0 and (count := self.recover()):
+                        log.info("took over %d jobs whose server stopped renewing them", count)
+                        on_recovered(count)
+                except Exception:
+                    log.exception("renewing this server's job leases failed")
+
+        self.keeper = asyncio.create_task(keep(), name="job-leases")
 
     async def requeue(self) -> None:
         while self.waiting:
@@ -239,7 +269,7 @@ class JobService:
 
     async def close(self) -> None:
         """After the engine has drained: stop the tasks still parked."""
-        tasks = [job.follower for job in self.live.values() if job.follower] + [self.requeuer]
+        tasks = [job.follower for job in self.live.values() if job.follower] + [self.requeuer, self.keeper]
         for task in filter(None, tasks):
             task.cancel()
         await asyncio.gather(*filter(None, tasks), return_exceptions=True)

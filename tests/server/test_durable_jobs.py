@@ -68,7 +68,7 @@ def store_flags(request, tmp_path) -> tuple[str, ...]:
 
 
 def test_kill_9_loses_nothing_and_the_rerun_gives_the_same_images(tmp_path, store_flags):
-    state = (*store_flags, "--max-batch", "1")
+    state = (*store_flags, "--max-batch", "1", "--worker-id", "the-server")  # a restart under one name
     with run_server(SHIPPED_WEIGHTS, tmp_path, *state) as server:
         finished = post_job(server.url, steps=5, sampler="ddim", seed=1)
         wait_for(lambda: job(server.url, finished["id"])["status"] == "succeeded")
@@ -96,7 +96,7 @@ def test_kill_9_loses_nothing_and_the_rerun_gives_the_same_images(tmp_path, stor
 
 
 def test_a_job_interrupted_more_than_its_attempts_ends_failed(tmp_path):
-    state = ("--state-dir", str(tmp_path / "state"))
+    state = ("--state-dir", str(tmp_path / "state"), "--worker-id", "the-server")
     with run_server(SHIPPED_WEIGHTS, tmp_path, *state) as server:
         doomed = post_job(server.url, steps=1000, seed=9)
         wait_for(lambda: job(server.url, doomed["id"])["status"] == "running")
@@ -106,6 +106,31 @@ def test_a_job_interrupted_more_than_its_attempts_ends_failed(tmp_path):
         view = job(server.url, doomed["id"])
     assert view["status"] == "failed" and view["error"]["code"] == "interrupted"
     assert "interrupted 1 times" in view["error"]["message"]
+
+
+def test_two_servers_on_one_store_never_run_a_job_twice_and_one_takes_over_from_the_other(tmp_path):
+    store = ("--jobs-db", f"sqlite:///{tmp_path / 'jobs.db'}", "--job-lease-s", "2")
+    with run_server(SHIPPED_WEIGHTS, tmp_path, *store, "--worker-id", "a") as first:
+        long = post_job(first.url, steps=400, seed=11)  # ~4 s at 10 ms a step
+        wait_for(lambda: job(first.url, long["id"])["status"] == "running")
+        with run_server(SHIPPED_WEIGHTS, tmp_path, *store, "--worker-id", "b") as second:
+            time.sleep(3)  # more than a lease: b sweeps, and must leave a's live job alone
+            assert metric(second.url, "ddpm_images_submitted_total") == 0
+            first.process.kill()  # a dies mid-run; its lease runs out; b takes the job over
+            first.process.wait()
+            wait_for(lambda: job(second.url, long["id"])["status"] == "succeeded")
+            view = job(second.url, long["id"])
+            assert metric(second.url, "ddpm_jobs_recovered_total") == 1
+    assert view["attempts"] == 2
+    expected = model.load(SHIPPED_WEIGHTS).sample(1, steps=400, seed=11)
+    assert np.abs(pixels(view).astype(int) - to_uint8(expected).squeeze(1).numpy().astype(int)).max() <= 1
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def test_a_job_that_kills_its_worker_fails_after_its_attempts_and_the_others_run(tiny_weights, tmp_path):

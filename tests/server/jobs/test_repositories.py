@@ -228,3 +228,19 @@ def test_without_the_redis_package_a_redis_url_says_what_to_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` raises ImportError
     with pytest.raises(StoreError, match=r"redis:// needs the redis package: pip install 'ddpm-serve\[redis\]'"):
         open_repository("redis://127.0.0.1:6379/0")
+
+
+def test_a_job_is_claimed_by_one_live_server_at_a_time(repository):
+    """Leases: a server takes unfinished jobs that nobody holds, its own, or those whose lease ran out."""
+    now = time.time()
+    repository.add(record("free"))
+    repository.add(record("held-by-a", worker="a", lease_until=now + 60))
+    repository.add(record("expired", worker="c", lease_until=now - 1))
+    assert [r.id for r in repository.claim("b", now, now + 30)] == ["free", "expired"]
+    # b's own, again: a restart under the same name takes them back at once
+    assert [r.id for r in repository.claim("b", now, now + 30)] == ["free", "expired"]
+    assert [r.id for r in repository.claim("a", now, now + 30)] == ["held-by-a"]
+    assert repository.claim("c", now, now + 30) == []  # everything is held by a live server
+    repository.renew("a", now + 120)
+    assert repository.get("held-by-a").lease_until == pytest.approx(now + 120)
+    assert [r.id for r in repository.claim("c", now + 60, now + 90)] == ["free", "expired"]  # b stopped renewing
