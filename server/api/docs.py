@@ -46,18 +46,24 @@ def install_docs(app: FastAPI, settings: Settings) -> None:
             state = getattr(app.state, "server", None)
             if state is None:
                 return schema  # not started: no model limits to state yet, so nothing to cache
-            body = schema["components"]["schemas"]["GenerateRequest"]["properties"]
-            body["n"]["maximum"] = state.limits.max_images_per_request
-            body["steps"]["maximum"] = state.limits.num_timesteps
-            body["seed"]["maximum"] = MAX_SEED
-            for name in ("n", "steps", "seed"):
-                body[name]["minimum"] = int(body[name]["minimum"])
+            for body in request_bodies(schema):
+                body["n"]["maximum"] = state.limits.max_images_per_request
+                body["steps"]["maximum"] = state.limits.num_timesteps
+                body["seed"]["maximum"] = MAX_SEED
+                for name in ("n", "steps", "seed"):
+                    body[name]["minimum"] = int(body[name]["minimum"])
             if not settings.auth_enabled:
                 drop_security(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def request_bodies(schema: dict) -> list[dict]:
+    """The properties of every generation request body (GenerateRequest, JobRequest, ...)."""
+    return [component["properties"] for component in schema["components"]["schemas"].values()
+            if {"n", "steps", "seed"} <= set(component.get("properties", {}))]
 
 
 def drop_security(schema: dict) -> None:

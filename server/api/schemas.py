@@ -66,7 +66,7 @@ class JobRequest(GenerateRequest):
     preview_every: JsonInt | None = Field(
         None, json_schema_extra=bounds(0), description="frames every k steps (0: none; absent: the server's default)"
     )
-    preview_kinds: list[FrameKind] = Field(list(GenerationSpec.preview_kinds))
+    preview_kinds: list[FrameKind] = Field(list(GenerationSpec.preview_kinds), json_schema_extra={"minItems": 1})
 
     def previews(self, default_preview_every: int) -> dict:
         every = default_preview_every if self.preview_every is None else self.preview_every
