@@ -1,7 +1,21 @@
 """Training and evaluation data, held in memory as uint8 [N, C, H, W] tensors.
 
-Sources: the bundled MNIST (npz) and CIFAR-10 (tar of JPEGs) files of ../shared/data, or any
-folder of images (recursive; resized and center-cropped). Errors name the path and the fix.
+Sources (`data`: 'mnist', 'cifar10' or a folder; the file from --data-path, by default from
+../shared/data or $DDPM_DATA_DIR; `ddpm-train --download` writes the npz files from the
+official releases, see model.download):
+
+  mnist    an .npz (np.load, no pickle; Keras' mnist.npz layout) with
+           x_train uint8 (N, 28, 28) and x_test uint8 (M, 28, 28): grayscale 0..255, 0 = background.
+           y_train / y_test (uint8 labels 0..9) may be there too; they are not read.
+  cifar10  an .npz as above with x_train uint8 (N, 32, 32, 3) and x_test uint8 (M, 32, 32, 3),
+           RGB, channels last (Keras' layout; what --download writes), or
+           a tar (.tar.gz) of images whose paths hold /train/ or /test/, such as
+           cifar10/train/<class>/NNNN.jpg (../shared/data/cifar10-jpeg.tar.gz), decoded as RGB.
+  folder   any images under it (recursive: png, jpg, bmp, gif, webp, tif), center-cropped to a
+           square, resized to the model's image size and converted to its channels (1: grayscale,
+           3: RGB). A folder has no splits.
+
+Errors name the path and the fix.
 """
 
 from __future__ import annotations
@@ -30,18 +44,29 @@ def dataset_path(name: str, data_path: str | os.PathLike | None = None) -> Path:
     return DEFAULT_DATA_DIR / DATASET_FILES[name]
 
 
-def load_mnist(path: Path, split: str, limit: int | None = None) -> torch.Tensor:
+def load_npz(path: Path, split: str, limit: int | None, name: str, shape: str, ndim: int) -> np.ndarray:
+    """x_{split} of an npz file: uint8, `ndim` dimensions (`shape` says which, for errors)."""
     try:
         with np.load(path) as data:
             images = data[f"x_{split}"][:limit]
     except FileNotFoundError:
-        raise DatasetError(f"MNIST not found at {path}; pass --data-path /path/to/mnist.npz") from None
+        raise DatasetError(f"{name} not found at {path}; pass --data-path /path/to/{path.name} "
+                           f"or --download to fetch it") from None
     except (OSError, ValueError, KeyError) as exc:
-        raise DatasetError(f"{path}: not a readable MNIST npz (keys x_train, x_test): {exc}") from exc
-    return torch.from_numpy(images).unsqueeze(1)
+        raise DatasetError(f"{path}: not a readable {name} npz (keys x_train, x_test): {exc}") from exc
+    if images.dtype != np.uint8 or images.ndim != ndim:
+        raise DatasetError(f"{path}: x_{split} is {images.dtype} {images.shape}; expected uint8 {shape}")
+    return images
+
+
+def load_mnist(path: Path, split: str, limit: int | None = None) -> torch.Tensor:
+    return torch.from_numpy(load_npz(path, split, limit, "MNIST", "(N, 28, 28)", 3)).unsqueeze(1)
 
 
 def load_cifar10(path: Path, split: str, limit: int | None = None) -> torch.Tensor:
+    if path.suffix == ".npz":
+        images = load_npz(path, split, limit, "CIFAR-10", "(N, 32, 32, 3)", 4)
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     images = []
     try:
         with tarfile.open(path) as tar:
@@ -53,7 +78,8 @@ def load_cifar10(path: Path, split: str, limit: int | None = None) -> torch.Tens
                 raw = tar.extractfile(member).read()
                 images.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
     except FileNotFoundError:
-        raise DatasetError(f"CIFAR-10 not found at {path}; pass --data-path /path/to/cifar10-jpeg.tar.gz") from None
+        raise DatasetError(f"CIFAR-10 not found at {path}; pass --data-path /path/to/cifar10-jpeg.tar.gz "
+                           f"(or cifar10.npz) or --download to fetch it") from None
     except (OSError, tarfile.TarError, UnidentifiedImageError) as exc:
         raise DatasetError(f"{path}: not a readable CIFAR-10 tar of JPEGs: {exc}") from exc
     if not images:
@@ -111,7 +137,7 @@ def load_dataset(
     if images.shape[1] != channels or images.shape[-1] != image_size:
         raise DatasetError(
             f"{data}: images are {tuple(images.shape[1:])} but the model expects "
-            f"({channels}, {image_size}, {image_size}); pick a matching --preset"
+            f"({channels}, {image_size}, {image_size}); pick a matching --preset (or --channels)"
         )
     return images
 

@@ -6,7 +6,8 @@ weights, or a diffusers folder).
     ddpm-eval speed   --weights W --sampler ddim --steps 50 --batch-size 64
     ddpm-eval fid     --weights W --inception inception-2015-12-05.pt --num-samples 10000
 
-Every command prints its figures; --json FILE also writes them as JSON.
+Every command prints its figures; --json FILE also writes them as JSON. Progress bars go to
+stderr (--progress / --no-progress; default: on when stderr is a terminal).
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from .threads import add_threads_argument, set_threads, sleep_idle_threads
 
-from .checkpoint import CheckpointError
-from .data import DatasetError, load_dataset, save_grid, to_model_range, to_uint8
-from .fid import INCEPTION_URL, InceptionError, feature_statistics, frechet_distance, inception_features, load_inception
-from .pipeline import DDPM, load
-from .samplers import SAMPLERS, image_generator, image_seed
+sleep_idle_threads()  # before torch loads, which reads it once (model.threads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from .checkpoint import CheckpointError  # noqa: E402
+from .data import DatasetError, load_dataset, save_grid, to_model_range, to_uint8  # noqa: E402
+from .download import add_data_arguments, resolve_data_path  # noqa: E402
+from .fid import INCEPTION_URL, InceptionError, feature_statistics, frechet_distance, inception_features, load_inception  # noqa: E402
+from .pipeline import DDPM, load  # noqa: E402
+from .samplers import SAMPLERS, image_generator  # noqa: E402
 
 DEFAULT_WEIGHTS = "weights/ddpm-mnist.safetensors"
 
@@ -36,15 +42,21 @@ class EvalError(ValueError):
     """Options that do not fit the model; the message says which."""
 
 
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm:
+    """A tqdm bar on stderr; at most one line per 10 s where stderr is a file or a pipe (logs)."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+
 # -- negative log-likelihood --------------------------------------------------------------
 @torch.inference_mode()
 def negative_log_likelihood(ddpm: DDPM, images: torch.Tensor, batch_size: int = 64, t_chunk: int = 4,
-                            seed: int = 0) -> dict:
+                            seed: int = 0, progress: bool = True) -> dict:
     """The variational bound on -log p(x) in bits/dim (Ho et al. 2020, eq. 5) over uint8 images [N, C, H, W]:
     prior L_T + sum of KL terms L_1..L_{T-1} + discretized decoder L_0, averaged over images."""
     ddpm.unet.eval()
     prior, decoder, kl = [], [], []
-    with tqdm(total=len(images), desc="nll", unit="img", dynamic_ncols=True) as bar:
+    with progress_bar(len(images), "nll", "img", progress) as bar:
         for start in range(0, len(images), batch_size):
             x0 = to_model_range(images[start : start + batch_size]).to(ddpm.device)
             generators = [image_generator(seed, start + i, ddpm.device) for i in range(x0.shape[0])]
@@ -61,29 +73,33 @@ def negative_log_likelihood(ddpm: DDPM, images: torch.Tensor, batch_size: int = 
 
 
 # -- samples, speed, FID ------------------------------------------------------------------
-def sample_images(ddpm: DDPM, n: int, batch_size: int, sampler: str, steps: int, eta: float, seed: int) -> torch.Tensor:
-    """n uint8 images, batch b drawn with its own seed derived from (seed, b)."""
+def sample_images(ddpm: DDPM, n: int, batch_size: int, sampler: str, steps: int, eta: float, seed: int,
+                  progress: bool = True) -> torch.Tensor:
+    """n uint8 images: ddpm.sample(n, seed=seed) computed in batches (image j seeded by image_seed(seed, j))."""
     batches = []
-    with tqdm(total=n, desc="sample", unit="img", dynamic_ncols=True) as bar:
-        for b, start in enumerate(range(0, n, batch_size)):
+    with progress_bar(math.ceil(n / batch_size) * steps, "sample", "step", progress) as bar:
+        for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            images = ddpm.sample(count, steps=steps, sampler=sampler, eta=eta, seed=image_seed(seed, b))
+            images = ddpm.sample(count, steps=steps, sampler=sampler, eta=eta, seed=seed, first_index=start,
+                                 on_step=bar.update)
             batches.append(to_uint8(images).cpu())
-            bar.update(count)
+            bar.set_postfix(images=start + count)
     return torch.cat(batches)
 
 
-def sampling_speed(ddpm: DDPM, sampler: str, steps: int, batch_size: int, repeats: int, eta: float = 0.0) -> dict:
+def sampling_speed(ddpm: DDPM, sampler: str, steps: int, batch_size: int, repeats: int, eta: float = 0.0,
+                   progress: bool = True) -> dict:
     """Images per second of whole sampling runs (one warm-up call first, not timed)."""
-    def timed_run(run_steps: int, seed: int) -> float:
+    def timed_run(run_steps: int, seed: int, bar: tqdm) -> float:
         started = time.perf_counter()
-        ddpm.sample(batch_size, steps=run_steps, sampler=sampler, eta=eta, seed=seed)
+        ddpm.sample(batch_size, steps=run_steps, sampler=sampler, eta=eta, seed=seed, on_step=bar.update)
         if ddpm.device.type == "cuda":
             torch.cuda.synchronize(ddpm.device)
         return time.perf_counter() - started
 
-    timed_run(1, seed=0)
-    seconds = [timed_run(steps, seed=r) for r in range(repeats)]
+    with progress_bar(1 + repeats * steps, "speed", "step", progress) as bar:
+        timed_run(1, 0, bar)
+        seconds = [timed_run(steps, r, bar) for r in range(repeats)]
     median = statistics.median(seconds)
     return {"sampler": sampler, "steps": steps, "batch_size": batch_size, "repeats": repeats,
             "images_per_s": batch_size / median, "seconds_per_batch": median,
@@ -97,7 +113,8 @@ def reference_statistics(args: argparse.Namespace, ddpm: DDPM, detector) -> tupl
         with np.load(cache) as stats:
             return stats["mu"], stats["sigma"]
     c, size, _ = ddpm.image_shape
-    images = load_dataset(dataset_name(args, ddpm), args.split, args.data_path, size, c, args.num_reference)
+    data = dataset_name(args, ddpm)
+    images = load_dataset(data, args.split, resolve_data_path(args, data), size, c, args.num_reference)
     mu, sigma = feature_statistics(inception_features(detector, images, ddpm.device, args.inception_batch))
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +138,8 @@ def check_steps(ddpm: DDPM, steps: int | None) -> int:
 def run_nll(args: argparse.Namespace, ddpm: DDPM) -> dict:
     c, size, _ = ddpm.image_shape
     data = dataset_name(args, ddpm)
-    images = load_dataset(data, args.split, args.data_path, size, c, args.limit)
-    result = negative_log_likelihood(ddpm, images, args.batch_size, args.t_chunk, args.seed)
+    images = load_dataset(data, args.split, resolve_data_path(args, data), size, c, args.limit)
+    result = negative_log_likelihood(ddpm, images, args.batch_size, args.t_chunk, args.seed, args.progress)
     print(f"NLL {result['bits_per_dim']:.4f} +- {result['stderr']:.4f} bits/dim "
           f"({data} {args.split}, {result['num_images']} images, T={ddpm.diffusion.num_timesteps})")
     print(f"  prior L_T            {result['prior_L_T']:.5f}")
@@ -134,7 +151,9 @@ def run_nll(args: argparse.Namespace, ddpm: DDPM) -> dict:
 def run_samples(args: argparse.Namespace, ddpm: DDPM) -> dict:
     steps = check_steps(ddpm, args.steps)
     started = time.perf_counter()
-    images = ddpm.sample(args.num, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed)
+    with progress_bar(steps, "samples", "step", args.progress) as bar:
+        images = ddpm.sample(args.num, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                             on_step=bar.update)
     seconds = time.perf_counter() - started
     save_grid(images, args.out)
     print(f"wrote {args.num} samples ({args.sampler}, {steps} steps, seed {args.seed}) to {args.out} in {seconds:.1f} s")
@@ -144,7 +163,7 @@ def run_samples(args: argparse.Namespace, ddpm: DDPM) -> dict:
 
 def run_speed(args: argparse.Namespace, ddpm: DDPM) -> dict:
     steps = check_steps(ddpm, args.steps)
-    result = sampling_speed(ddpm, args.sampler, steps, args.batch_size, args.repeats, args.eta)
+    result = sampling_speed(ddpm, args.sampler, steps, args.batch_size, args.repeats, args.eta, args.progress)
     print(f"{result['images_per_s']:.2f} images/s ({args.sampler}, {steps} steps, batch {args.batch_size}, "
           f"{result['ms_per_step']:.1f} ms per step, median of {args.repeats}, {result['device']})")
     return result
@@ -154,7 +173,8 @@ def run_fid(args: argparse.Namespace, ddpm: DDPM) -> dict:
     steps = check_steps(ddpm, args.steps)
     detector = load_inception(args.inception, ddpm.device)  # first: fail before any slow sampling
     mu_ref, sigma_ref = reference_statistics(args, ddpm, detector)
-    samples = sample_images(ddpm, args.num_samples, args.batch_size, args.sampler, steps, args.eta, args.seed)
+    samples = sample_images(ddpm, args.num_samples, args.batch_size, args.sampler, steps, args.eta, args.seed,
+                            args.progress)
     mu, sigma = feature_statistics(inception_features(detector, samples, ddpm.device, args.inception_batch))
     fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
     reference = args.ref_stats or f"{dataset_name(args, ddpm)} {args.split}"
@@ -169,9 +189,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    common.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: on when stderr is a terminal)")
+    add_threads_argument(common)
     data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--data", default=None, help="'mnist', 'cifar10' or a folder of images (default: by channels)")
-    data.add_argument("--data-path", default=None, help="file of the mnist/cifar10 dataset (default: ../shared/data)")
+    add_data_arguments(data, "mnist for 1 channel, else cifar10")
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
     sampling.add_argument("--steps", type=int, default=None, help="denoising steps (default: all T)")
@@ -210,6 +232,9 @@ COMMANDS = {"nll": run_nll, "samples": run_samples, "speed": run_speed, "fid": r
 def evaluate(argv: list[str] | None = None) -> dict:
     """Run one ddpm-eval command; returns its results (what --json writes)."""
     args = parse_args(argv)
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+    set_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         ddpm = load(args.weights, device)

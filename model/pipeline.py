@@ -10,7 +10,7 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -57,15 +57,20 @@ class DDPM:
         eta: float = 0.0,
         seed: int | None = 0,
         noise: torch.Tensor | None = None,
+        first_index: int = 0,
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """n images in [-1, 1], [n, C, H, W]. Image i draws all its noise from its own generator
-        seeded by (seed, i), so it is the same whatever batch it is computed in."""
+        """n images in [-1, 1], [n, C, H, W]. Image i draws all its noise from its own generator,
+        seeded by image_seed(seed, first_index + i) (image 0: the seed itself), so it is the same
+        whatever batch it is computed in, and sample(1, seed=image_seed(seed, i)) gives it alone.
+        `first_index` continues a request in batches: images k.. of sample(N, seed) alone.
+        `on_step` is called after each denoising step (for progress bars)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         plan = make_plan(self.diffusion, sampler, self.diffusion.num_timesteps if steps is None else steps, eta)
         seed = secrets.randbits(63) if seed is None else seed
         device = self.device
-        generators = [image_generator(seed, i, device) for i in range(n)]
+        generators = [image_generator(seed, first_index + i, device) for i in range(n)]
         x = draw_noise(generators, self.image_shape, device)
         if noise is not None:
             if tuple(noise.shape) != tuple(x.shape):
@@ -77,6 +82,8 @@ class DDPM:
                 eps = self.unet(x, torch.full((n,), t, device=device, dtype=torch.long))
                 z = draw_noise(generators, self.image_shape, device)
                 x, _ = denoise_step(x, eps, coefs.expand(n, -1), clip, z)
+                if on_step is not None:
+                    on_step()
         return x.clamp(-1.0, 1.0)
 
 

@@ -1,6 +1,8 @@
 """ddpm-train: the paper's training recipe (Ho et al. 2020, sec. 4 and appendix B).
 
     ddpm-train --preset mnist --data mnist --steps 20000 --out runs/mnist
+    ddpm-train --preset mnist --download                 # MNIST from its official source, into ./data
+    ddpm-train --preset tiny --data FOLDER --channels 3  # a folder of RGB images
 
 Adam, linear warmup, gradient clipping at 1.0, EMA of the weights, uniform t, L_simple.
 Every random draw of step s (t, noise, dropout, flips) comes from the global generator
@@ -30,17 +32,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from .threads import add_threads_argument, set_threads, sleep_idle_threads
 
-from .checkpoint import CheckpointError, load_state, read_checkpoint, strip_prefix, write_checkpoint
-from .config import PRESETS, ModelConfig, preset
-from .data import DatasetError, load_dataset, save_grid, to_model_range
-from .diffusion import GaussianDiffusion
-from .pipeline import DDPM, save
-from .samplers import image_seed
-from .unet import UNet
+sleep_idle_threads()  # before torch loads, which reads it once (model.threads)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from .checkpoint import CheckpointError, load_state, read_checkpoint, strip_prefix, write_checkpoint  # noqa: E402
+from .config import PRESETS, ModelConfig, preset  # noqa: E402
+from .data import DatasetError, load_dataset, save_grid, to_model_range  # noqa: E402
+from .diffusion import GaussianDiffusion  # noqa: E402
+from .download import add_data_arguments, resolve_data_path  # noqa: E402
+from .pipeline import DDPM, save  # noqa: E402
+from .samplers import derived_seed  # noqa: E402
+from .unet import UNet  # noqa: E402
 
 
 class TrainingError(ValueError):
@@ -78,9 +85,10 @@ class TrainState:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ddpm-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="model config and recipe (default: mnist)")
-    p.add_argument("--data", default=None, help="'mnist', 'cifar10' or a folder of images (default: the preset's dataset)")
-    p.add_argument("--data-path", default=None, help="file of the mnist/cifar10 dataset (default: ../shared/data)")
+    add_data_arguments(p, "the preset's dataset")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size (folder data)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3],
+                   help="image channels of the model: 1 grayscale, 3 RGB (default: the preset's; folder data)")
     p.add_argument("--out", default=None, help="run folder for checkpoints, samples and metrics (default: runs/PRESET)")
     p.add_argument("--steps", type=int, default=20000, help="total optimizer steps (default: 20000)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size, split across processes")
@@ -98,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use only N training images")
     p.add_argument("--resume", default=None, help="training checkpoint to continue from (OUT/checkpoint.safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_threads_argument(p)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (loss and schedule stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p.parse_args(argv)
@@ -108,6 +117,8 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[ModelConfig, Recipe, str]:
     unet_changes = {}
     if args.image_size:
         unet_changes["image_size"] = args.image_size
+    if args.channels:
+        unet_changes.update(in_channels=args.channels, out_channels=args.channels)
     if args.dropout is not None:
         unet_changes["dropout"] = args.dropout
     if unet_changes:
@@ -141,7 +152,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 @functools.lru_cache(maxsize=1)
 def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(num_images, generator=torch.Generator().manual_seed(image_seed(seed, epoch)))
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
 
 
 def epoch_batch(num_images: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -230,7 +241,8 @@ class Trainer:
             raise TrainingError(f"--batch-size {self.recipe.batch_size} is not divisible by {self.world} processes")
         u = self.config.unet
         if images is None:
-            images = load_dataset(self.data_name, "train", args.data_path, u.image_size, u.in_channels, args.limit)
+            data_path = resolve_data_path(args, self.data_name)
+            images = load_dataset(self.data_name, "train", data_path, u.image_size, u.in_channels, args.limit)
         self.images = images
         self.diffusion = GaussianDiffusion(self.config.diffusion)
         self.state = self._build_state()
@@ -256,6 +268,17 @@ class Trainer:
         return {"dataset": self.data_name, "preset": self.args.preset, "recipe": dataclasses.asdict(self.recipe),
                 "seed": self.args.seed, "world_size": self.world}
 
+    def describe(self) -> str:
+        """The run in one line, printed at the start."""
+        n, c, h, w = self.images.shape
+        params = sum(p.numel() for p in unwrap(self.state.model).parameters())
+        device = str(self.device)
+        if self.device.type == "cpu":
+            device += ", " + plural(torch.get_num_threads(), "thread")
+        return (f"ddpm-train: preset {self.args.preset}, data {self.data_name} ({plural(n, 'image')}, "
+                f"{plural(c, 'channel')}, {h}x{w}), {params / 1e6:.2f}M parameters, {device}, "
+                f"steps {self.state.step}..{self.args.steps}, out {self.out}")
+
     def local_batch(self, step: int) -> torch.Tensor:
         indices = epoch_batch(len(self.images), self.recipe.batch_size, step, self.args.seed)
         x = to_model_range(self.images[indices[self.rank :: self.world]]).to(self.device)
@@ -266,7 +289,7 @@ class Trainer:
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step. Returns (loss, grad norm) as tensors: reading them waits for the device."""
-        torch.manual_seed(image_seed(self.args.seed, (step + 1) * 1_000_003 + self.rank))
+        torch.manual_seed(derived_seed(self.args.seed, (step + 1) * 1_000_003 + self.rank))
         state = self.state
         x0 = self.local_batch(step)
         for group in state.optimizer.param_groups:
@@ -306,6 +329,7 @@ class Trainer:
         """Train up to --steps; returns the checkpoint path (rank 0) or None (other ranks)."""
         args, state, main = self.args, self.state, self.rank == 0
         if main:
+            print(self.describe(), flush=True)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps({"model": self.config.to_dict(), **self.info()}, indent=2))
         log = (self.out / "metrics.jsonl").open("a") if main else contextlib.nullcontext()
@@ -353,6 +377,10 @@ class Trainer:
                 self.sample_grid()
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def check_finite(loss: float, step: int) -> float:
     if not math.isfinite(loss):
         raise TrainingError(f"loss became {loss} at step {step}; lower --lr or check the data (last good checkpoint kept)")
@@ -366,6 +394,7 @@ def init_distributed() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    set_threads(args.threads)
     init_distributed()
     try:
         Trainer(args).run()

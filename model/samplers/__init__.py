@@ -6,7 +6,7 @@ from typing import Literal
 
 from ..diffusion import GaussianDiffusion
 from . import ddim, ddpm
-from .base import SamplingPlan, denoise_step, image_generator, image_seed, spaced_timesteps
+from .base import SamplingPlan, denoise_step, derived_seed, image_generator, image_seed, spaced_timesteps
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS = {"ddpm": ddpm.plan, "ddim": ddim.plan}
@@ -25,6 +25,7 @@ __all__ = [
     "SamplerName",
     "SamplingPlan",
     "denoise_step",
+    "derived_seed",
     "image_generator",
     "image_seed",
     "make_plan",

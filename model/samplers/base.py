@@ -90,9 +90,16 @@ def denoise_step(
     return x_prev, x0
 
 
+def derived_seed(seed: int, key: int) -> int:
+    """A seed in [0, 2**63) for stream `key` of `seed`: independent of every other (seed, key)."""
+    return int(np.random.SeedSequence([seed, key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` of a request: independent streams, whatever the batch."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """The seed of image `index` of a request: the request seed itself for image 0, a derived,
+    independent one for the others. So the seed reported for image i, given as the seed of a
+    one-image request, gives image i again: sample(1, seed=image_seed(s, i)) == sample(n, seed=s)[i]."""
+    return seed if index == 0 else derived_seed(seed, index)
 
 
 def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -57,6 +57,16 @@ def test_missing_or_unreadable_dataset_files(tmp_path):
         load_dataset("cifar10", "train", str(garbage))
 
 
+
+def test_npz_arrays_of_another_type_or_layout_are_refused(tmp_path):
+    floats, rgb_first = tmp_path / "mnist.npz", tmp_path / "cifar10.npz"
+    np.savez(floats, x_train=np.zeros((2, 28, 28), np.float32))
+    np.savez(rgb_first, x_train=np.zeros((2, 3, 32), np.uint8))
+    with pytest.raises(DatasetError, match=r"x_train is float32 \(2, 28, 28\); expected uint8 \(N, 28, 28\)"):
+        load_dataset("mnist", "train", str(floats), 28, 1)
+    with pytest.raises(DatasetError, match=r"x_train is uint8 \(2, 3, 32\); expected uint8 \(N, 32, 32, 3\)"):
+        load_dataset("cifar10", "train", str(rgb_first))
+
 def test_real_mnist_test_split(mnist_path):
     images = load_dataset("mnist", "test", str(mnist_path), 28, 1, limit=10)
     assert images.shape == (10, 1, 28, 28)

@@ -154,6 +154,22 @@ def test_speed_command_reports_images_per_second(tmp_path, tiny_weights):
     assert result["images_per_s"] > 0 and result["batch_size"] == 2 and result["steps"] == 3
 
 
+
+@pytest.mark.parametrize("command, extra, done", [
+    ("samples", ("-n", "2"), "samples: 100%|"),
+    ("speed", ("--batch-size", "1", "--repeats", "2"), "speed: 100%|"),  # warm-up step + 2 x 3 timed steps
+])
+def test_samples_and_speed_show_progress_on_stderr(tmp_path, tiny_weights, capsys, command, extra, done):
+    argv = (command, "--weights", str(tiny_weights), "--steps", "3", "--sampler", "ddim", *extra)
+    if command == "samples":
+        argv += ("--out", str(tmp_path / "grid.png"))
+    run_eval(*argv, "--progress")
+    shown = capsys.readouterr().err
+    assert done in shown and ("| 3/3 " if command == "samples" else "| 7/7 ") in shown, shown
+    run_eval(*argv)  # stderr is not a terminal here: off by default
+    run_eval(*argv, "--no-progress")
+    assert "100%" not in capsys.readouterr().err
+
 class FeaturesByPooling(torch.nn.Module):
     """Stands in for the Inception TorchScript file: same call, 12 features per image."""
 

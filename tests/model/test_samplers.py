@@ -171,6 +171,23 @@ def test_an_image_is_the_same_alone_or_in_a_batch(tiny_ddpm, sampler, steps, eta
     assert (other_seed - alone).abs().max() > 0.1
 
 
+
+@pytest.mark.parametrize("seed", [0, 77, 2**63 - 1])
+def test_every_reported_seed_reproduces_its_image_alone(tiny_ddpm, seed):
+    batch = tiny_ddpm.sample(3, steps=5, sampler="ddpm", seed=seed)
+    reported = [image_seed(seed, i) for i in range(3)]
+    assert reported[0] == seed and len(set(reported)) == 3
+    for i, image_seed_i in enumerate(reported):
+        alone = tiny_ddpm.sample(1, steps=5, sampler="ddpm", seed=image_seed_i)
+        torch.testing.assert_close(alone[0], batch[i], atol=1e-4, rtol=0, msg=f"image {i}")
+
+
+def test_a_request_continued_from_first_index_matches_one_call(tiny_ddpm):
+    whole = tiny_ddpm.sample(5, steps=4, sampler="ddim", seed=8)
+    parts = [tiny_ddpm.sample(count, steps=4, sampler="ddim", seed=8, first_index=start)
+             for start, count in [(0, 2), (2, 2), (4, 1)]]
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-4, rtol=0)
+
 def test_given_noise_fixes_a_deterministic_sample(tiny_ddpm):
     x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     first = tiny_ddpm.sample(2, steps=10, sampler="ddim", seed=1, noise=x_T)
@@ -182,7 +199,7 @@ def test_given_noise_fixes_a_deterministic_sample(tiny_ddpm):
 def test_image_seeds_are_stable_and_distinct():
     seeds = [image_seed(0, i) for i in range(100)] + [image_seed(1, i) for i in range(100)]
     assert len(set(seeds)) == 200
-    assert all(0 <= s < 2**63 for s in seeds)
+    assert all(0 <= s < 2**63 for s in seeds + [image_seed(2**63 - 1, i) for i in range(5)])
     assert image_seed(0, 3) == image_seed(0, 3)
 
 

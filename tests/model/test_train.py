@@ -178,6 +178,62 @@ def test_folder_dataset_trains_and_is_servable(tmp_path):
     assert ddpm.info["dataset"] == str(folder) and ddpm.info["step"] == 2
 
 
+
+def test_rgb_folder_trains_a_three_channel_model_with_channels_3(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 100, 0)]):
+        Image.new("RGB", (32, 32), color=color).save(folder / f"{i}.png")
+    argv = ["--preset", "tiny", "--data", str(folder), "--steps", "1", "--batch-size", "4", "--device", "cpu",
+            "--sample-every", "0"]
+
+    trainer = Trainer(parse_args([*argv, "--channels", "3", "--out", str(tmp_path / "rgb")]))
+    assert tuple(trainer.images.shape) == (4, 3, 28, 28)
+    assert trainer.images[0, 0].min() == 255 and trainer.images[0, 1:].max() == 0  # red stays red
+    trainer.run()
+    assert "data " + str(folder) + " (4 images, 3 channels, 28x28)" in capsys.readouterr().out
+    ddpm = model.load(tmp_path / "rgb" / "model.safetensors")
+    assert ddpm.image_shape == (3, 28, 28) and ddpm.config.unet.out_channels == 3
+
+    main([*argv, "--out", str(tmp_path / "gray")])  # the preset's channels: 1, and the log says so
+    assert "(4 images, 1 channel, 28x28)" in capsys.readouterr().out
+    assert model.load(tmp_path / "gray" / "model.safetensors").image_shape == (1, 28, 28)
+
+
+def test_threads_flag_sets_and_states_the_torch_threads(tmp_path, synthetic_mnist, capsys):
+    main(train_argv(tmp_path, synthetic_mnist, 1, "--batch-size", "4", "--threads", "2"))
+    assert torch.get_num_threads() == 2  # the one_torch_thread fixture restores it after the test
+    assert "cpu, 2 threads," in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "-1"])
+
+
+SPY_ON_TORCH_IMPORT = """
+import os, sys
+seen = []
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Spy())
+import model.{module}
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("module, given, expected", [("train", None, "PASSIVE"), ("evaluate", None, "PASSIVE"),
+                                                     ("train", "ACTIVE", "ACTIVE")])
+def test_the_clis_let_idle_openmp_threads_sleep_unless_told_otherwise(module, given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run([sys.executable, "-c", SPY_ON_TORCH_IMPORT.format(module=module)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected  # what the environment held when torch loaded
+
 def test_bf16_autocast_trains(tmp_path, synthetic_mnist):
     main(train_argv(tmp_path, synthetic_mnist, 2, "--bf16", "--batch-size", "4", "--log-every", "1"))
     losses = [r["loss"] for r in metrics(tmp_path)]
