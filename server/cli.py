@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from server.api.errors import describe_validation_errors
 from server.app import StartupError, create_app, drain, load_model, real_engine_factory, reserve_cores_for_engine
+from model.threads import sleep_idle_threads
 from server.http import GuardedH11Protocol
 from server.jobs import StoreError, open_repository
 from server.settings import Settings
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(argv)
         sock = listen(settings.host, settings.port)
         repository = open_repository(settings.jobs_url)
+        sleep_idle_threads()  # before torch loads: see model/threads.py and the README's measurements
         torch_threads = reserve_cores_for_engine(settings)
         ddpm = load_model(settings)
     except ValidationError as exc:

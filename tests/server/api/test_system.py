@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -188,3 +189,21 @@ def test_a_corrupt_job_store_ends_startup_with_one_line(tiny_weights, tmp_path, 
     assert cli.main(["--weights", str(tiny_weights), "--port", "0", "--jobs-db", f"sqlite:///{corrupt}"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ddpm-serve: error: cannot open the job store") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_ddpm_serve_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch, tiny_weights, preset, expected):
+    """Spinning threads beside a busy process served 0.6x of one thread's images/s (README)."""
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    seen = []
+
+    def load_model(settings):
+        seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        raise cli.StartupError("stop here")
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    assert cli.main(["--weights", str(tiny_weights), "--port", "0", "--jobs-db", "memory://"]) == 1
+    assert seen == [expected]
