@@ -178,9 +178,9 @@ def test_invalid_option_values_exit_2(capsys, flags, message):
 
 
 def test_make_serve_passes_args_to_ddpm_serve():
-    result = subprocess.run(["make", "-n", "serve", "ARGS=--port 9000 --max-batch 8"], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, check=True)
-    assert result.stdout.rstrip().endswith("ddpm-serve --port 9000 --max-batch 8")
+    result = subprocess.run(["make", "--no-print-directory", "-n", "serve", "ARGS=--port 9000 --max-batch 8"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert ".venv/bin/ddpm-serve --port 9000 --max-batch 8" in result.stdout.splitlines()
 
 
 def test_a_corrupt_job_store_ends_startup_with_one_line(tiny_weights, tmp_path, capsys):
