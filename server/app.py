@@ -131,10 +131,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         jobs = JobService(metrics.watch_jobs(store), engine, info.limits, durable=store.durable,
                           ttl_s=settings.job_ttl_s, max_jobs=settings.max_jobs, max_bytes=settings.jobs_max_bytes,
                           max_attempts=settings.job_max_attempts, worker=settings.worker_name,
-                          lease_s=settings.job_lease_s, on_release=slots.release)
+                          lease_s=settings.job_lease_s, slots=slots)
         app.state.server = ServerState(settings, engine, metrics, info.limits, jobs, slots)
         recovered = jobs.recover()
-        slots.take(job.record.owner for job in jobs.waiting)
         metrics.jobs_recovered.inc(recovered)
         jobs.keep_leases(on_recovered=metrics.jobs_recovered.inc)
         if recovered:

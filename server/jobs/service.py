@@ -19,8 +19,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server.contract import (
     Done,
@@ -49,6 +50,14 @@ PRUNE_EVERY_S = 1.0
 REQUEUE_POLL_S = 0.5  # how often recovered jobs that did not fit the engine's queue try again
 
 
+class OwnerSlots(Protocol):
+    """Per-key open requests (server.api.limits.OwnerSlots)."""
+
+    def take(self, owners: Iterable[str | None]) -> None: ...
+
+    def release(self, owner: str | None) -> None: ...
+
+
 class JobNotFound(LookupError):
     pass
 
@@ -73,12 +82,12 @@ class LiveJob:
 class JobService:
     def __init__(self, repository: JobRepository, engine: EngineClient, limits: RequestLimits, *,
                  durable: bool, ttl_s: float, max_jobs: int, max_bytes: int, max_attempts: int,
-                 worker: str, lease_s: float, on_release=lambda owner: None):
+                 worker: str, lease_s: float, slots: OwnerSlots):
         self.repository, self.engine, self.limits = repository, engine, limits
         self.worker, self.lease_s = worker, lease_s  # this server's name in the store, and its jobs' lease
         self.durable, self.ttl_s, self.max_jobs = durable, ttl_s, max_jobs
         self.max_bytes, self.max_attempts = max_bytes, max_attempts
-        self.on_release = on_release  # a job's owner slot is free again
+        self.slots = slots  # per-key open requests: a job holds its owner's slot until it ends
         self.live: dict[str, LiveJob] = {}
         self.waiting: list[LiveJob] = []  # recovered, not yet in the engine (its queue was full)
         self.requeuer: asyncio.Task | None = None
@@ -123,7 +132,7 @@ class JobService:
         finally:
             self.live.pop(record.id, None)
             job.ended.set()
-            self.on_release(record.owner)
+            self.slots.release(record.owner)
 
     def record_run(self, record: JobRecord) -> None:
         """From the engine's thread, before the run's first step: so that a run that kills the
@@ -165,6 +174,7 @@ class JobService:
             record.status = "queued"
             self.repository.save(record)
             self.waiting.append(LiveJob(record, spec))
+            self.slots.take([record.owner])  # accepted before: it runs, past the per-key limit if need be
             recovered += 1
         if self.waiting and (self.requeuer is None or self.requeuer.done()):
             self.requeuer = asyncio.create_task(self.requeue(), name="job-requeue")
@@ -230,7 +240,7 @@ class JobService:
             self.finish(job.record, cancelled)
             for channel in job.subscribers:
                 channel.put(cancelled)
-            self.on_release(job.record.owner)
+            self.slots.release(job.record.owner)
             return
         if job.handle.cancel():
             try:

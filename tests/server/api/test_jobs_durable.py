@@ -111,3 +111,20 @@ def test_a_store_that_cannot_write_refuses_the_job_with_503_and_runs_nothing(tmp
         response = client.post("/jobs", json={"steps": 2})
         assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
         assert not engine.handles and client.get("/metrics").status_code == 200
+
+
+def test_recovered_jobs_hold_their_owners_slots_until_they_end(tmp_path):
+    url, key = f"sqlite:///{tmp_path / 'jobs.db'}", "key-alice-0123456789"
+    auth = {"Authorization": f"Bearer {key}"}
+    with serve_fake(jobs_db=url, api_keys=key, max_concurrent_per_key=2) as (client, engine):
+        engine.gate.clear()
+        accepted = [client.post("/jobs", json={"steps": 2}, headers=auth).json()["id"] for _ in range(2)]
+    with serve_fake({"paused": True}, jobs_db=url, api_keys=key, max_concurrent_per_key=2) as (client, engine):
+        assert client.post("/jobs", json={"steps": 2}, headers=auth).status_code == 429
+        engine.gate.set()
+        for job_id in accepted:
+            deadline = time.monotonic() + 10
+            while client.get(f"/jobs/{job_id}", headers=auth).json()["status"] != "succeeded":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert client.post("/jobs", json={"steps": 2}, headers=auth).status_code == 202
