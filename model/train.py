@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the training grids (fast previews)")
     p.add_argument("--limit", type=int, default=None, help="use only N training images")
     p.add_argument("--resume", default=None, help="training checkpoint to continue from (OUT/checkpoint.safetensors)")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start model and EMA from these weights (a fresh optimizer at step 0): fine-tune a shipped model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_threads_argument(p)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (loss and schedule stay fp32)")
@@ -174,12 +176,17 @@ def training_checkpoint(state: TrainState, config: ModelConfig, info: dict) -> d
                 info={**info, "step": state.step, "param_groups": optim["param_groups"]})
 
 
-def restore(state: TrainState, path: str, config: ModelConfig) -> None:
+def read_same_config(path: str, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, saved_config, metadata = read_checkpoint(path)
-    if metadata.get("kind") != "training":
-        raise CheckpointError(f"{path}: an inference file, not a training checkpoint (no optimizer state)")
     if saved_config != config:
         raise CheckpointError(f"{path}: saved with a different model config than --preset gives")
+    return tensors, metadata
+
+
+def restore(state: TrainState, path: str, config: ModelConfig) -> None:
+    tensors, metadata = read_same_config(path, config)
+    if metadata.get("kind") != "training":
+        raise CheckpointError(f"{path}: an inference file, not a training checkpoint (no optimizer state)")
     load_state(unwrap(state.model), strip_prefix(tensors, "model."), path)
     load_state(state.ema, strip_prefix(tensors, "ema."), path)
     slots: dict[int, dict] = {}
@@ -188,6 +195,15 @@ def restore(state: TrainState, path: str, config: ModelConfig) -> None:
         slots.setdefault(int(index), {})[name] = value
     state.optimizer.load_state_dict({"state": slots, "param_groups": metadata["info"]["param_groups"]})
     state.step = metadata["info"]["step"]
+
+
+def initialise(state: TrainState, path: str, config: ModelConfig) -> None:
+    """Model and EMA from an inference file (or a training checkpoint's EMA) of the same config."""
+    tensors, metadata = read_same_config(path, config)
+    if metadata.get("kind") == "training":
+        tensors = strip_prefix(tensors, "ema.")
+    load_state(state.model, tensors, path)
+    load_state(state.ema, tensors, path)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -256,6 +272,8 @@ class Trainer:
         state = TrainState(0, model, ema, optimizer)
         if self.args.resume:
             restore(state, self.args.resume, self.config)
+        elif self.args.init:
+            initialise(state, self.args.init, self.config)
         if self.world > 1:
             state.model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None

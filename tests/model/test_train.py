@@ -65,6 +65,25 @@ def test_resume_continues_exactly(tmp_path, synthetic_mnist):
     assert [r["loss"] for r in metrics(split)] == pytest.approx([r["loss"] for r in metrics(straight)], abs=1e-6)
 
 
+def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, synthetic_mnist):
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    main(train_argv(first, synthetic_mnist, 3, "--batch-size", "8", "--save-every", "0"))
+    start = model.load(first / "model.safetensors").unet.state_dict()
+    main(train_argv(tuned, synthetic_mnist, 1, "--batch-size", "8", "--save-every", "0", "--lr", "0",
+                    "--init", str(first / "model.safetensors")))
+    tensors, _, meta = read_checkpoint(tuned / "checkpoint.safetensors")
+    assert meta["info"]["step"] == 1  # counted from 0: a new run, not a resume
+    for name, value in start.items():  # lr 0: model and EMA are still the initial weights
+        torch.testing.assert_close(tensors["model." + name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(tensors["ema." + name], value, rtol=0, atol=0, msg=name)
+
+
+def test_init_refuses_weights_of_another_config(tmp_path, synthetic_mnist):
+    weights = REPO / "weights" / "ddpm-mnist.safetensors"
+    with pytest.raises(SystemExit, match="different model config"):
+        main(train_argv(tmp_path, synthetic_mnist, 1, "--init", str(weights)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
