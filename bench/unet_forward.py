@@ -11,6 +11,11 @@ speed from one minute to the next, so each round times the two back to back, in 
 order, and the figure that counts is the median of the per-round ratios.
 
 The shipped MNIST preset is then timed the same way: ours prepared against ours plain.
+
+With --dtype bfloat16 (or float16), each model instead times ours prepared in float32 against
+ours prepared in that dtype, same weights (as model.load(..., dtype=...) runs it):
+
+    nice -n 10 .venv/bin/python bench/unet_forward.py --dtype bfloat16 --batches 32
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import model
 from model.checkpoint import load_state
 from model.inference import prepare_for_inference
+from model.precision import DTYPES
 
 # The FLOPs of one CIFAR-10 U-Net forward per image (multiply-adds count as 2).
 GFLOP_PER_IMAGE = 12.44
@@ -95,6 +101,28 @@ def mnist_pair(seed: int) -> tuple[Forward, Forward]:
     return plain_forward, prepared_forward
 
 
+def dtype_pair(config: model.ModelConfig, dtype: torch.dtype, seed: int) -> tuple[Forward, Forward]:
+    """(float32, dtype) forwards of our prepared U-Net, over the same random (non-zero) weights."""
+    torch.manual_seed(seed)
+    float32 = model.UNet(config.unet)
+    with torch.no_grad():  # the zero-initialised output layers would make every output 0
+        for param in float32.parameters():
+            param.normal_(0.0, 0.02)
+    reduced = copy.deepcopy(float32).to(dtype)
+    prepare_for_inference(float32, config.diffusion.num_timesteps)
+    prepare_for_inference(reduced, config.diffusion.num_timesteps)
+
+    @torch.inference_mode()
+    def float32_forward(x, t):
+        return float32(x, t)
+
+    @torch.inference_mode()
+    def reduced_forward(x, t):
+        return reduced(x, t)
+
+    return float32_forward, reduced_forward
+
+
 def seconds_per_call(forward: Forward, x: torch.Tensor, t: torch.Tensor, reps: int) -> float:
     start = time.perf_counter()
     for _ in range(reps):
@@ -119,10 +147,32 @@ def report(label: str, names: tuple[str, str], batch: int, times, gflop_per_imag
     line += f" (rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
     for i, name in enumerate(names):
         median_s = statistics.median(pair[i] for pair in times)
-        line += f" | {name} {median_s * 1e3:.1f} ms"
+        line += f" | {name} {median_s * 1e3:.1f} ms {batch / median_s:.1f} img/s"
         if gflop_per_image:
             line += f" {gflop_per_image * batch / median_s:.0f} GFLOP/s"
     print(line, flush=True)
+
+
+def relative_difference(reference: Forward, candidate: Forward, x, t) -> float:
+    expected = reference(x, t)
+    return ((expected - candidate(x, t)).abs().max() / expected.abs().max()).item()
+
+
+def time_dtypes(args: argparse.Namespace) -> None:
+    """Ours in float32 against ours in args.dtype, for each model not skipped."""
+    presets = [name for name, skip in (("cifar10", args.skip_cifar10), ("mnist", args.skip_mnist)) if not skip]
+    for name in presets:
+        config = model.preset(name)
+        float32_forward, reduced_forward = dtype_pair(config, DTYPES[args.dtype], args.seed)
+        shape = (config.unet.in_channels, config.unet.image_size, config.unet.image_size)
+        x, t = torch.randn(2, *shape), torch.tensor([0, config.diffusion.num_timesteps - 1])
+        print(f"{name} U-Net: max |float32 - {args.dtype}| / max |float32| on one batch: "
+              f"{relative_difference(float32_forward, reduced_forward, x, t):.1e}")
+        for batch in args.batches:
+            x, t = torch.randn(batch, *shape), torch.randint(0, config.diffusion.num_timesteps, (batch,))
+            times = paired_times(float32_forward, reduced_forward, x, t, args.rounds,
+                                 max(1, args.images_per_round // batch))
+            report(name, ("float32", args.dtype), batch, times, GFLOP_PER_IMAGE if name == "cifar10" else None)
 
 
 def check_same_function(reference: Forward, ours: Forward, x, t) -> None:
@@ -142,10 +192,14 @@ def main() -> None:
     p.add_argument("--skip-mnist", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="other than float32: time ours in float32 against ours in this dtype instead")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.dtype != "float32":
+        return time_dtypes(args)
 
     if not args.skip_cifar10:
         diffusers_forward, our_forward = cifar10_pair(args.seed)

@@ -1,7 +1,8 @@
 """The forward process, the simple loss and the variational bound (Ho et al. 2020, sec. 2-3).
 
 Tables live in float64 (NoiseSchedule); `extract` gathers one row per sample, so every
-function here takes a timestep per sample: t is a LongTensor [B].
+function here takes a timestep per sample: t is a LongTensor [B]. GaussianDiffusion keeps a copy
+of each table per (device, dtype), made on first use: a step copies nothing to the device.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """table[t] as [B, 1, 1, 1] in the dtype and device of `like`."""
+    """table[t] as [B, 1, 1, 1] in the dtype of `like`, on t's device (a table elsewhere is
+    copied there: keep tables on the device, as GaussianDiffusion does, where it matters)."""
     values = table.to(t.device)[t].to(like.dtype)
     return values.view(-1, *([1] * (like.dim() - 1)))
 
@@ -33,7 +35,8 @@ class GaussianDiffusion:
         s = self.schedule
         self.num_timesteps = s.num_timesteps
         self.sqrt_alphas_cumprod = torch.sqrt(s.alphas_cumprod)
-        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - s.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - s.alphas_cumprod
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(self.one_minus_alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / s.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / s.alphas_cumprod - 1.0)
         self.posterior_mean_coef1 = s.posterior_mean_coef1
@@ -41,23 +44,32 @@ class GaussianDiffusion:
         self.posterior_variance = s.posterior_variance
         self.posterior_log_variance = s.posterior_log_variance_clipped
         self.model_log_variance = s.model_log_variance(config.variance_type)
+        self._table_copies: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _gather(self, table: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """extract() from the float64 table named `table`, through its copy on t's device in
+        like's dtype, made once: a copy per call cost a host-to-device copy from pageable
+        memory, which the host waits for, per gather (and MPS cannot hold float64 at all)."""
+        key = (table, t.device, like.dtype)
+        copy = self._table_copies.get(key)
+        if copy is None:
+            copy = self._table_copies[key] = getattr(self, table).to(like.dtype).to(t.device)
+        return extract(copy, t, like)
 
     # -- forward process ---------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (eq. 4)."""
-        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * noise
+        return (self._gather("sqrt_alphas_cumprod", t, x0) * x0
+                + self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        ) * eps
+        return (self._gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and log-variance of q(x_{t-1} | x_t, x0)  (eqs. 6-7)."""
-        mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, extract(self.posterior_log_variance, t, x_t)
+        mean = self._gather("posterior_mean_coef1", t, x_t) * x0 + self._gather("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._gather("posterior_log_variance", t, x_t)
 
     def p_mean_variance(self, model: EpsModel, x_t: torch.Tensor, t: torch.Tensor, clip: bool = True):
         """Mean and log-variance of p_theta(x_{t-1} | x_t), via the predicted x0."""
@@ -65,7 +77,7 @@ class GaussianDiffusion:
         if clip:
             x0 = x0.clamp(-1.0, 1.0)
         mean, _ = self.q_posterior(x0, x_t, t)
-        return mean, extract(self.model_log_variance, t, x_t)
+        return mean, self._gather("model_log_variance", t, x_t)
 
     # -- training -----------------------------------------------------------------------
     def training_loss(
@@ -91,8 +103,8 @@ class GaussianDiffusion:
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T: KL(q(x_T | x0) || N(0, I)) in bits/dim per sample."""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
-        mean = extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        logvar = torch.log(extract(1.0 - self.schedule.alphas_cumprod, t, x0))
+        mean = self._gather("sqrt_alphas_cumprod", t, x0) * x0
+        logvar = torch.log(self._gather("one_minus_alphas_cumprod", t, x0))
         zeros = torch.zeros_like(x0)
         return mean_flat(normal_kl(mean, logvar, zeros, zeros)) / math.log(2.0)
 

@@ -5,6 +5,7 @@ weights, or a diffusers folder).
     ddpm-eval samples --weights W --sampler ddpm --steps 1000 -n 64 --out grid.png
     ddpm-eval speed   --weights W --sampler ddim --steps 50 --batch-size 64
     ddpm-eval fid     --weights W --inception inception-2015-12-05.pt --num-samples 10000
+    ddpm-eval score   --weights W --sampler ddim --steps 100 -n 256    # MNIST-like models, no download
 
 Every command prints its figures; --json FILE also writes them as JSON. Progress bars go to
 stderr (--progress / --no-progress; default: on when stderr is a terminal).
@@ -29,10 +30,12 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from .checkpoint import CheckpointError  # noqa: E402
-from .data import DatasetError, load_dataset, save_grid, to_model_range, to_uint8  # noqa: E402
+from .data import DatasetError, dataset_path, load_dataset, save_grid, to_model_range, to_uint8  # noqa: E402
 from .download import add_data_arguments, resolve_data_path  # noqa: E402
 from .fid import INCEPTION_URL, InceptionError, feature_statistics, frechet_distance, inception_features, load_inception  # noqa: E402
 from .pipeline import DDPM, load  # noqa: E402
+from .precision import DTYPE_CHOICES, dtype_name  # noqa: E402
+from .quality import CACHE_ENV, CONFIDENCE, IMAGE_SHAPE, load_or_train_scorer  # noqa: E402
 from .samplers import SAMPLERS, image_generator  # noqa: E402
 
 DEFAULT_WEIGHTS = "weights/ddpm-mnist.safetensors"
@@ -183,10 +186,52 @@ def run_fid(args: argparse.Namespace, ddpm: DDPM) -> dict:
             "seed": args.seed, "reference": reference}
 
 
+def check_scorable(args: argparse.Namespace, ddpm: DDPM) -> None:
+    if ddpm.image_shape != IMAGE_SHAPE:
+        shape = "x".join(map(str, ddpm.image_shape))
+        raise EvalError(f"score judges MNIST-like models (1x28x28 images) with a digit classifier; this model makes "
+                        f"{shape} images. For other models use FID: ddpm-eval fid --inception PATH")
+    if dataset_name(args, ddpm) != "mnist":
+        raise EvalError(f"score trains its classifier on MNIST (--data mnist), not on {args.data!r}")
+    if args.num < 2:
+        raise EvalError(f"-n must be at least 2 (the Frechet distance needs a covariance), got {args.num}")
+
+
+def announce_training(cache_file: Path) -> None:
+    print(f"training the score's MNIST classifier (once, a few minutes; cached as {cache_file})", file=sys.stderr)
+
+
+def run_score(args: argparse.Namespace, ddpm: DDPM) -> dict:
+    steps = check_steps(ddpm, args.steps)
+    check_scorable(args, ddpm)
+    data_path = dataset_path("mnist", resolve_data_path(args, "mnist"))
+    scorer = load_or_train_scorer(data_path, args.cache_dir, device=ddpm.device,  # first: fail before any slow sampling
+                                  on_training=announce_training)
+    real = load_dataset("mnist", "test", str(data_path), 28, 1, args.num)
+    if len(real) < args.num:
+        raise EvalError(f"-n {args.num} is more than the {len(real)} test images of {data_path} (the reference)")
+    started = time.perf_counter()
+    samples = sample_images(ddpm, args.num, args.batch_size, args.sampler, steps, args.eta, args.seed, args.progress)
+    seconds = time.perf_counter() - started
+    scores = {"samples": scorer.score(samples), "real": scorer.score(real)}
+    print(f"score of {args.num} samples ({args.sampler}, {steps} steps, {dtype_name(ddpm.dtype)}, seed {args.seed}; "
+          f"{seconds:.1f} s) against {args.num} real test images, by the MNIST classifier "
+          f"(test accuracy {scorer.info['test_accuracy']:.2%})")
+    print(f"  {'':10} {f'confident >= {CONFIDENCE}':>16} {'classes':>8} {'Frechet':>9}")
+    for name, score in scores.items():
+        print(f"  {name:10} {score['confident_share']:16.3f} {score['classes']:8d} {score['frechet']:9.3f}")
+    for name, score in scores.items():
+        print(f"  confident per class 0..9, {name}: {' '.join(map(str, score['class_counts']))}")
+    return {**scores, "sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
+            "batch_size": args.batch_size, "sampling_seconds": seconds, "classifier": scorer.info}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--weights", default=DEFAULT_WEIGHTS, help=f"model file or diffusers folder (default: {DEFAULT_WEIGHTS})")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    common.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="the U-Net's compute dtype (default auto: bfloat16 where the device computes it natively)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     common.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -223,10 +268,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fid.add_argument("--ref-stats", default=None, metavar="NPZ", help="cache of the reference statistics: read if present, else written")
     fid.add_argument("--batch-size", type=int, default=100, help="sampling batch")
     fid.add_argument("--inception-batch", type=int, default=100)
+    score = commands.add_parser(
+        "score", parents=[common, data, sampling], help="sample quality by an MNIST classifier (MNIST-like models)",
+        description="Share of samples a digit classifier calls with confidence >= 0.9, the classes they cover, and the "
+                    "Frechet distance in its features, each also for as many real test images. The classifier is "
+                    "trained on the MNIST training set on first use (a few minutes on a CPU) and cached.")
+    score.add_argument("-n", "--num", type=int, default=256, help="samples, and real test images as the reference")
+    score.add_argument("--batch-size", type=int, default=32, help="sampling batch")
+    score.add_argument("--cache-dir", default=None,
+                       help=f"the classifier's cache (default: ${CACHE_ENV}, else ~/.cache/ddpm-serve)")
     return p.parse_args(argv)
 
 
-COMMANDS = {"nll": run_nll, "samples": run_samples, "speed": run_speed, "fid": run_fid}
+COMMANDS = {"nll": run_nll, "samples": run_samples, "speed": run_speed, "fid": run_fid, "score": run_score}
 
 
 def evaluate(argv: list[str] | None = None) -> dict:
@@ -237,8 +291,9 @@ def evaluate(argv: list[str] | None = None) -> dict:
     set_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        ddpm = load(args.weights, device)
-        result = {"command": args.command, "weights": str(args.weights), **COMMANDS[args.command](args, ddpm)}
+        ddpm = load(args.weights, device, args.dtype)
+        result = {"command": args.command, "weights": str(args.weights), "dtype": dtype_name(ddpm.dtype),
+                  **COMMANDS[args.command](args, ddpm)}
     except (CheckpointError, DatasetError, InceptionError, EvalError) as exc:
         sys.exit(f"ddpm-eval: {exc}")
     if args.json:

@@ -19,7 +19,10 @@ What it does, and why (bench/unet_forward.py measures it):
     half its multiply-adds, and no upsampled copy (PhaseUpsample).
   These call private oneDNN ops (mkldnn_ops), which a PyTorch release may rename or change.
   So one packed conv is first checked against F.conv2d; if the ops are missing, fail or
-  disagree, the whole model keeps the plain convolutions, and one warning says why.
+  disagree, the whole model keeps the plain convolutions, and one warning says why. The check
+  runs in the U-Net's dtype: oneDNN has bfloat16 kernels only on CPUs with AVX512 or
+  AVX-NE-CONVERT (float16: AVX512-FP16 or AVX-NE-CONVERT), so elsewhere such a U-Net runs the
+  plain path.
 - a table of every ResnetBlock's time bias for all T timesteps, built from the current
   weights (TimeBiasTable): a step does one lookup instead of the sinusoid, two dense layers
   and one dense layer per block.
@@ -43,8 +46,12 @@ from .unet import AttentionBlock, Conv2d, UNet, Upsample
 
 log = logging.getLogger(__name__)
 
-# The largest max |packed - F.conv2d| / max |F.conv2d| that the check at prepare time accepts.
-PACKED_CHECK_TOLERANCE = 1e-4
+
+def packed_check_tolerance(dtype: torch.dtype) -> float:
+    """The largest max |packed - F.conv2d| / max |F.conv2d| that the check at prepare time
+    accepts: 1e-4 in float32; in bfloat16 and float16, whose every output is rounded far more
+    coarsely, two units in the last place (1.6e-2 for bfloat16). A wrong kernel is off by ~1."""
+    return max(1e-4, 2 * torch.finfo(dtype).eps)
 
 
 def mkldnn_ops() -> tuple[Callable, Callable]:
@@ -93,8 +100,9 @@ def upsample_phase_kernels(layers: list[nn.Conv2d]) -> tuple[torch.Tensor, torch
     """A 3x3 conv applied after 2x nearest upsampling, as one 2x2 conv of the input (padding 1)
     whose 4 * C_out output channels are the four phases (row parity, column parity, channel)."""
     (conv,) = layers
-    taps = torch.tensor(PHASE_TAPS, dtype=conv.weight.dtype, device=conv.weight.device)
-    weight = torch.einsum("ark,oikl,dsl->adoirs", taps, conv.weight, taps)
+    # In float64, so that summing up to four taps adds no rounding of its own (in bfloat16 it would).
+    taps = torch.tensor(PHASE_TAPS, dtype=torch.float64, device=conv.weight.device)
+    weight = torch.einsum("ark,oikl,dsl->adoirs", taps, conv.weight.double(), taps).to(conv.weight.dtype)
     return weight.reshape(4 * conv.out_channels, conv.in_channels, 2, 2), conv.bias.repeat(4)
 
 
@@ -205,7 +213,8 @@ def packed_fast_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Ten
 
 
 def packed_path_fault(dtype: torch.dtype) -> str | None:
-    """Why the packed path cannot serve here, or None: one small PackedConv against F.conv2d."""
+    """Why the packed path cannot serve here, or None: one small PackedConv against F.conv2d,
+    in the U-Net's dtype (oneDNN has bfloat16 and float16 kernels only for some CPUs)."""
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN (mkldnn)"
     generator = torch.Generator().manual_seed(0)
@@ -222,7 +231,7 @@ def packed_path_fault(dtype: torch.dtype) -> str | None:
     except Exception as exc:  # private ops: absent (AttributeError), or changed or broken (anything)
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         return f"its private oneDNN ops are missing or failed ({reason})"
-    if not difference <= PACKED_CHECK_TOLERANCE:  # also catches NaN
+    if not difference <= packed_check_tolerance(dtype):  # also catches NaN
         return f"a packed conv disagrees with F.conv2d (max relative difference {difference:.1e})"
     return None
 

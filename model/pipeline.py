@@ -17,9 +17,10 @@ import torch
 from .checkpoint import CheckpointError, load_state, read_checkpoint, strip_prefix, write_checkpoint
 from .config import ModelConfig
 from .diffusers_import import is_diffusers_folder, read_diffusers_folder
-from .diffusion import GaussianDiffusion, draw_noise
+from .diffusion import GaussianDiffusion
 from .inference import prepare_for_inference
-from .samplers import denoise_step, image_generator, make_plan
+from .precision import resolve_dtype
+from .samplers import NoiseStream, Slot, denoise_step, make_plan, next_carried, stack_to
 from .unet import UNet
 
 
@@ -33,6 +34,11 @@ class DDPM:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The U-Net's compute dtype (model.load's `dtype`); samples are float32 whatever it is."""
+        return next(self.unet.parameters()).dtype
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -60,28 +66,32 @@ class DDPM:
         first_index: int = 0,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """n images in [-1, 1], [n, C, H, W]. Image i draws all its noise from its own generator,
-        seeded by image_seed(seed, first_index + i) (image 0: the seed itself), so it is the same
-        whatever batch it is computed in, and sample(1, seed=image_seed(seed, i)) gives it alone.
-        `first_index` continues a request in batches: images k.. of sample(N, seed) alone.
-        `on_step` is called after each denoising step (for progress bars)."""
+        """n images in [-1, 1], [n, C, H, W]. Image i draws all its noise on the CPU from its own
+        generator, seeded by image_seed(seed, first_index + i) (image 0: the seed itself), so it is
+        the same whatever batch and device it is computed on, and sample(1, seed=image_seed(seed, i))
+        gives it alone. `first_index` continues a request in batches: images k.. of sample(N, seed)
+        alone. `on_step` is called after each denoising step (for progress bars)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         plan = make_plan(self.diffusion, sampler, self.diffusion.num_timesteps if steps is None else steps, eta)
         seed = secrets.randbits(63) if seed is None else seed
         device = self.device
-        generators = [image_generator(seed, first_index + i, device) for i in range(n)]
-        x = draw_noise(generators, self.image_shape, device)
+        streams = [NoiseStream(seed, first_index + i, self.image_shape, plan.draws) for i in range(n)]
+        x = stack_to([stream[0] for stream in streams], device)
         if noise is not None:
             if tuple(noise.shape) != tuple(x.shape):
                 raise ValueError(f"noise must have shape {tuple(x.shape)} (n, C, H, W), got {tuple(noise.shape)}")
             x = noise.to(device=device, dtype=x.dtype)
-        clip = torch.full((n,), plan.clip_x0)
+        carried: dict[Slot, torch.Tensor] = {}  # what a multistep sampler keeps between steps
         with eval_mode(self.unet):
-            for t, coefs in zip(plan.timesteps.tolist(), plan.coefs):
+            for i, (t, coefs) in enumerate(zip(plan.timesteps.tolist(), plan.coefs)):
                 eps = self.unet(x, torch.full((n,), t, device=device, dtype=torch.long))
-                z = draw_noise(generators, self.image_shape, device)
-                x, _ = denoise_step(x, eps, coefs.expand(n, -1), clip, z)
+                slots = {Slot.X_T: x, Slot.EPS: eps, **carried}
+                if plan.noisy:
+                    slots[Slot.NOISE] = stack_to([stream[i + 1] for stream in streams], device)
+                step = denoise_step(coefs.expand(n, -1), slots, plan.corrects)
+                carried = next_carried(carried, step.x0, step.corrected, plan.carries)
+                x = step.x_next
                 if on_step is not None:
                     on_step()
         return x.clamp(-1.0, 1.0)
@@ -99,8 +109,11 @@ def eval_mode(module: torch.nn.Module):
             m.training = training
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DDPM:
-    """Our .safetensors file (inference or training checkpoint), or a diffusers DDPM folder."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str = "auto") -> DDPM:
+    """Our .safetensors file (inference or training checkpoint), or a diffusers DDPM folder.
+    `dtype`: the U-Net's compute dtype, "auto" (bfloat16 where `device` computes it natively,
+    else float32), "float32", "bfloat16" or "float16" (model.precision); sampling stays float32."""
+    compute_dtype = resolve_dtype(dtype, device)  # first: a bad name fails before any reading
     path = Path(path)
     if is_diffusers_folder(path):
         tensors, config, metadata = read_diffusers_folder(path)
@@ -112,7 +125,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> DDPM:
             tensors = strip_prefix(tensors, "ema.")
     unet = UNet(config.unet)
     load_state(unet, tensors, str(path))
-    unet = prepare_for_inference(unet.to(device), config.diffusion.num_timesteps)
+    unet = prepare_for_inference(unet.to(device=device, dtype=compute_dtype), config.diffusion.num_timesteps)
     return DDPM(unet, config, metadata.get("info", {}))
 
 

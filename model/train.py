@@ -7,13 +7,16 @@
 Adam, linear warmup, gradient clipping at 1.0, EMA of the weights, uniform t, L_simple.
 Every random draw of step s (t, noise, dropout, flips) comes from the global generator
 seeded by (seed, rank, s), and the data order from (seed, epoch), so --resume continues a
-run exactly: nothing but the step needs saving besides the model, EMA and optimizer.
+run exactly: nothing but the step needs saving besides the model, EMA and optimizer. On CUDA,
+some kernels (cuDNN's convolution backward, atomics) sum in a varying order: a resumed run then
+matches only to float rounding, unless --deterministic asks for deterministic kernels.
 Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (a second one
-aborts at once). Multi-process training (DDP; gloo on CPU, nccl on GPU):
+aborts at once). Multi-process training (DDP; nccl on CUDA devices, gloo on the CPU):
 
     torchrun --nproc_per_node 2 -m model.train --preset cifar10 --data cifar10
 
---batch-size is the global batch, split evenly across the processes.
+--batch-size is the global batch, split evenly across the processes. Each process takes its
+own GPU: --device cuda (or auto) means cuda:LOCAL_RANK, cuda:N means cuda:N+LOCAL_RANK.
 """
 
 from __future__ import annotations
@@ -107,7 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="training checkpoint to continue from (OUT/checkpoint.safetensors)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start model and EMA from these weights (a fresh optimizer at step 0): fine-tune a shipped model")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (under torchrun: the first GPU; rank r takes the r-th from it)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (slower on CUDA), so --resume matches a straight run bit for bit there too")
     add_threads_argument(p)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (loss and schedule stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -135,10 +141,41 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[ModelConfig, Recipe, str]:
     return config, recipe, data
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def pick_device(name: str, local_rank: int, gpus: int) -> torch.device:
+    """The device of the process with this LOCAL_RANK, given --device and the GPUs visible.
+    auto: cuda when there is a GPU, else cpu. Every process on one machine takes its own GPU
+    (two on one GPU stop NCCL): cuda means cuda:local_rank, cuda:N means cuda:N+local_rank."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if gpus else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    index = (device.index or 0) + local_rank
+    if index >= gpus:
+        raise TrainingError(f"--device {name} for local rank {local_rank} needs GPU {index}, "
+                            f"but {gpus} {'is' if gpus == 1 else 'are'} visible")
+    return torch.device("cuda", index)
+
+
+def process_device(name: str) -> torch.device:
+    """This process's device (pick_device under torchrun's LOCAL_RANK), made the current CUDA
+    device so that NCCL and any tensor created without a device index land on it."""
+    device = pick_device(name, int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def use_deterministic_algorithms() -> None:
+    """--deterministic: kernels that give the same bits every run, or an error naming the op
+    that has none. cuBLAS needs its workspace fixed before it starts (the variable is read once)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def learning_rate(recipe: Recipe, step: int) -> float:
@@ -251,7 +288,9 @@ class Trainer:
         self.args = args
         self.config, self.recipe, self.data_name = resolve_recipe(args)
         self.rank, self.world = world_info()
-        self.device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = process_device(args.device)
+        if args.deterministic:
+            use_deterministic_algorithms()
         self.out = Path(args.out or f"runs/{args.preset}")
         if self.recipe.batch_size % self.world:
             raise TrainingError(f"--batch-size {self.recipe.batch_size} is not divisible by {self.world} processes")
@@ -276,7 +315,7 @@ class Trainer:
             initialise(state, self.args.init, self.config)
         if self.world > 1:
             state.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
         if self.args.compile:
             state.model = torch.compile(state.model)
@@ -405,16 +444,22 @@ def check_finite(loss: float, step: int) -> float:
     return loss
 
 
-def init_distributed() -> None:
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA devices; gloo for the CPU, also on a machine that has GPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group with the backend `device` needs."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend_for(device))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
-    init_distributed()
     try:
+        init_distributed(process_device(args.device))
         Trainer(args).run()
     except (DatasetError, CheckpointError, TrainingError) as exc:
         sys.exit(f"ddpm-train: {exc}")

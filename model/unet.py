@@ -259,9 +259,17 @@ class UNet(nn.Module):
         """All ResnetBlocks in the order forward calls them (registration order is call order)."""
         return [m for m in self.modules() if isinstance(m, ResnetBlock)]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its layers compute in (model.load may cast the weights to bfloat16)."""
+        return self.conv_in.weight.dtype
+
     def compute_time_biases(self, t: torch.Tensor) -> list[torch.Tensor]:
         """time_emb_proj(swish(temb(t))) [B, C_block] for every ResnetBlock, in call order."""
-        temb = F.silu(self.time_embedding(timestep_embedding(t, self.config.base_channels)))
+        # The sinusoid in float32 whatever the weights' dtype: bf16 rounds t = 999 to 1000, and
+        # the angles of its high frequencies would keep no digit of their phase.
+        sinusoid = timestep_embedding(t, self.config.base_channels).to(self.dtype)
+        temb = F.silu(self.time_embedding(sinusoid))
         return [block.time_emb_proj(temb) for block in self.resnet_blocks()]
 
     def time_biases(self, t: torch.Tensor) -> list[torch.Tensor]:
@@ -270,15 +278,18 @@ class UNet(nn.Module):
         return self.compute_time_biases(t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] in [-1, 1]; t: [B] integer timesteps in 0..T-1. Returns eps_hat [B, C, H, W]."""
+        """x: [B, C, H, W] in [-1, 1]; t: [B] integer timesteps in 0..T-1. Returns eps_hat [B, C, H, W]
+        in x's dtype, computed in the weights' dtype: the sampler keeps float32 x_t and eps
+        whatever precision the U-Net runs in."""
         time_biases = iter(self.time_biases(t))
-        h = self.conv_in(x)
+        h = self.conv_in(x.to(self.dtype))
         skips = [h]
         for block in self.down_blocks:
             h = block(h, time_biases, skips)
         h = self.mid_block(h, time_biases)
         for block in self.up_blocks:
             h = block(h, time_biases, skips)
+        eps = self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))
         # Contiguous whatever the layout inside (channels_last after prepare_for_inference).
-        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True)).contiguous()
+        return eps.to(dtype=x.dtype, memory_format=torch.contiguous_format)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.api import ROUTERS
+from server.api import ROUTERS, openai
 from server.api.deps import ServerState
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers
@@ -71,7 +71,7 @@ def load_model(settings: Settings) -> model.DDPM:
         raise StartupError(f"weights not found: {path} (set --weights or DDPM_WEIGHTS)")
     device = usable_device(settings.device)
     try:
-        return model.load(path, device)
+        return model.load(path, device, settings.dtype)
     except Exception as exc:  # any failure to read a user's file is a start-up error, not a traceback
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StartupError(f"cannot load weights {path}: {reason}") from exc
@@ -138,10 +138,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         jobs.keep_leases(on_recovered=metrics.jobs_recovered.inc)
         if recovered:
             log.info("recovered %d unfinished jobs from %s", recovered, settings.jobs_url)
-        log.info("serving %s: %s %s, %.2fM parameters, T=%d, on %s with %d torch threads; max batch %d, "
+        log.info("serving %s: %s %s, %.2fM parameters, T=%d, on %s in %s with %d torch threads; max batch %d, "
                  "%s batching; jobs in %s", settings.weights, info.dataset or "model",
                  "x".join(map(str, info.image_shape)), info.num_parameters / 1e6, info.num_timesteps, info.device,
-                 info.threads, info.max_batch, info.policy, settings.jobs_url)
+                 info.dtype, info.threads, info.max_batch, info.policy, settings.jobs_url)
         try:
             yield
         finally:
@@ -160,7 +160,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         app.include_router(router)
     install_docs(app, settings)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_paths=openai.UPLOAD_PATHS,
+                       max_upload_bytes=openai.MAX_UPLOAD_BODY_BYTES)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import socket
 import sys
 import typing
@@ -42,13 +43,58 @@ def build_parser() -> argparse.ArgumentParser:
         default = field.default_factory() if field.default_factory else field.default
         help_text = f"{field.description + '; ' if field.description else ''}default {default!r}; env DDPM_{name.upper()}"
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, choices=choices, help=help_text)
+    add_backend_flags(parser.add_argument_group("backend", "where the engines run (Ray: pip install ddpm-serve[ray])"))
     return parser
+
+
+# Flags that choose where engines run, not how one engine serves: they stay out of Settings.
+BACKEND_FLAGS = {
+    "backend": (str, "local", "local (one process, one engine) or ray (Ray Serve replicas; RAY_ADDRESS or a "
+                              "local Ray)"),
+    "replicas": (int, None, "ray: a fixed number of engine replicas"),
+    "min_replicas": (int, None, "ray: autoscale from this many replicas..."),
+    "max_replicas": (int, None, "ray: ...to this many, on images queued and running"),
+    "ingress_copies": (int, 1, "ray: copies of the HTTP ingress"),
+}
+
+
+def add_backend_flags(group: argparse._ArgumentGroup) -> None:
+    for name, (kind, default, help_text) in BACKEND_FLAGS.items():
+        env = f"DDPM_{name.upper()}"
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,
+                           default=kind(os.environ[env]) if env in os.environ else default,
+                           choices=("local", "ray") if name == "backend" else None,
+                           help=f"{help_text}; default {default!r}; env {env}")
 
 
 def settings_from(argv: list[str] | None) -> Settings:
     """Flags over environment over defaults; pydantic validates and converts the flags' strings."""
-    flags = {name: value for name, value in vars(build_parser().parse_args(argv)).items() if value is not None}
+    flags = {name: value for name, value in vars(build_parser().parse_args(argv)).items()
+             if value is not None and name not in BACKEND_FLAGS}
     return Settings(**flags)
+
+
+def serve_with_ray(argv: list[str] | None) -> int:
+    """ddpm-serve --backend ray: the same settings, served by Ray Serve replicas (server/ray)."""
+    flags = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(argv)
+        from server.ray.deploy import Scaling, serve_on_ray  # Ray loads only for this backend
+
+        replicas = flags.replicas or 1
+        scaling = Scaling(min_replicas=flags.min_replicas or replicas, max_replicas=flags.max_replicas or replicas,
+                          ingress_copies=flags.ingress_copies)
+    except ValidationError as exc:
+        print(f"ddpm-serve: error: {describe_validation_errors(exc.errors(), whole='settings')}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"ddpm-serve: error: --backend ray needs Ray Serve: pip install 'ddpm-serve[ray]' ({exc})",
+              file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"ddpm-serve: error: {exc}", file=sys.stderr)
+        return 2
+    return serve_on_ray(settings, scaling)
 
 
 class DrainingServer(uvicorn.Server):
@@ -115,6 +161,8 @@ def listen(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 after a clean stop, 1 when the server cannot start (weights, device, port,
     job store), 2 for invalid options."""
+    if build_parser().parse_args(argv).backend == "ray":
+        return serve_with_ray(argv)
     try:
         settings = settings_from(argv)
         sock = listen(settings.host, settings.port)

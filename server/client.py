@@ -27,6 +27,8 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import connect
 
+from server.contract.spec import SAMPLER_NAMES
+
 URL_FORM = "http://host:port"
 SUBPROTOCOL = "ddpm"  # what the server selects; the key travels as a second one, "bearer.<base64url(key)>"
 
@@ -217,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("DDPM_API_KEY"), help="API key (env DDPM_API_KEY)")
     parser.add_argument("-n", type=int, default=1, help="images")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's T)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0..1")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
+                        help="ddpm (the paper's), ddim, dpmpp_2m (DPM-Solver++, 10-20 steps), dpmpp_2m_sde, unipc")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0..1 (ddim only)")
     parser.add_argument("--seed", type=int, help="request seed (default: random; printed)")
     parser.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

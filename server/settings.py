@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     # The model
     weights: Path = Field(SHIPPED_WEIGHTS, description="our .safetensors file or a diffusers folder")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the U-Net's compute dtype (sampling stays float32); auto: bfloat16 where the device "
+                            "computes it natively (CUDA from Ampere, CPUs with AVX512-BF16 or AMX), else float32")
 
     # Listening
     host: str = "127.0.0.1"

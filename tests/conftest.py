@@ -31,6 +31,21 @@ def randomize_weights_(module: torch.nn.Module, std: float = 0.05, seed: int = 0
     return module
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (marked gpu)")
+
+
+@pytest.fixture(autouse=True)
+def auto_dtype_is_float32(monkeypatch):
+    """model.load's dtype="auto" means float32 in every test, on every machine: the suite's
+    references are float32, and auto picks bfloat16 on a CPU or GPU with native bf16.
+    tests/model/test_precision.py tests that choice against the real detection."""
+    from model import precision
+
+    monkeypatch.setattr(precision, "computes_bf16_natively", lambda device: False)
+
+
 @pytest.fixture(scope="session")
 def randomize_weights() -> Callable[..., torch.nn.Module]:
     return randomize_weights_

@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 GPU_OVERRIDE = ROOT / "docker" / "compose.gpu.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+MAKEFILE = ROOT / "Makefile"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# The CUDA builds PyTorch publishes for each release (RELEASE.md's compatibility matrix): an index
+# without the pinned release makes pip fail, or an unpinned spec quietly install an older torch.
+CUDA_BUILDS = {"2.13.0": {"cu126", "cu130", "cu132"}}
 # Container paths, not the server's host-side defaults.
 IMAGE_SPECIFIC_SETTINGS = {"weights"}
 
@@ -106,6 +111,63 @@ def test_gpu_override_reserves_an_nvidia_gpu():
     config = compose_config(COMPOSE_FILE, GPU_OVERRIDE)
     assert re.search(r"driver: nvidia", config)
     assert re.search(r"- gpu\b", config)
+
+
+def compose_default(text: str) -> str:
+    """The default of a `${VAR:-default}` value."""
+    match = re.fullmatch(r"\$\{\w+:-([^}]*)\}", text)
+    assert match, f"{text!r} is not ${{VAR:-default}}"
+    return match.group(1)
+
+
+def dockerfile_arg(name: str) -> str:
+    (value,) = re.findall(rf"^ARG {name}=(.*)$", DOCKERFILE.read_text(), re.M)
+    return value.strip('"')
+
+
+def pinned_torch() -> str:
+    spec = dockerfile_arg("TORCH_SPEC")
+    assert spec.startswith("torch=="), spec
+    return spec.removeprefix("torch==")
+
+
+def test_every_torch_pin_is_the_same():
+    yaml = pytest.importorskip("yaml")
+    compose_args = yaml.safe_load(COMPOSE_FILE.read_text())["x-image"]["build"]["args"]
+    makefile_pin = re.search(r"^TORCH \?= (.*)$", MAKEFILE.read_text(), re.M).group(1)
+    assert compose_default(compose_args["TORCH_SPEC"]) == makefile_pin == f"torch=={pinned_torch()}"
+
+
+def test_cpu_images_take_torchs_cpu_build():
+    """PyPI's torch for Linux x86_64 is a CUDA build of several GB: CPU images name the CPU index."""
+    yaml = pytest.importorskip("yaml")
+    compose_args = yaml.safe_load(COMPOSE_FILE.read_text())["x-image"]["build"]["args"]
+    assert dockerfile_arg("TORCH_INDEX_URL") == compose_default(compose_args["TORCH_INDEX_URL"]) == CPU_INDEX
+
+
+def test_gpu_images_take_a_cuda_build_of_the_pinned_torch_and_a_tag_of_their_own():
+    yaml = pytest.importorskip("yaml")
+    gpu = yaml.safe_load(GPU_OVERRIDE.read_text())["x-gpu"]
+    index = compose_default(gpu["build"]["args"]["TORCH_INDEX_URL"])
+    assert index.rsplit("/", 1)[1] in CUDA_BUILDS[pinned_torch()], index
+    assert gpu["image"].endswith("-cuda")
+
+
+def test_the_gpu_override_serves_and_trains_on_cuda_so_a_missing_gpu_fails_loudly():
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load(GPU_OVERRIDE.read_text())["services"]
+    assert compose_default(services["server"]["environment"]["DDPM_DEVICE"]) == "cuda"
+    assert services["train"]["entrypoint"][-2:] == ["--device", "cuda"]
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, GPU_OVERRIDE, COMPOSE_FILE, MAKEFILE, ROOT / "README.md"],
+                         ids=lambda path: path.name)
+def test_every_torch_index_the_docs_name_has_the_pinned_torch(path):
+    """A stale cu124 hint installed torch 2.6 (`torch --index-url ...`) or failed to build."""
+    text = path.read_text()
+    for build in re.findall(r"download\.pytorch\.org/whl/(cu\d+)", text):
+        assert build in CUDA_BUILDS[pinned_torch()], f"{path.name} names {build}, which has no torch {pinned_torch()}"
+    assert not re.search(r"\btorch --index-url", text), f"{path.name} installs torch from an index without a version"
 
 
 def free_port() -> int:

@@ -1,16 +1,18 @@
 """What every sampler shares: a per-request plan of coefficients, and one batched step.
 
-A sampler is a function that turns (schedule, number of steps, options) into a
-SamplingPlan: the model timesteps to visit and, for each, the coefficients of
+A sampler turns (schedule, number of steps, options) into a SamplingPlan: the model timesteps to
+visit and, for each step, the coefficients of one formula over the slots of a lane's state:
 
-    x0_hat = clip(a * x_t - b * eps_hat)
-    x_prev = c * x0_hat + d * x_t + e * eps_hat + sigma * z
+    x0_hat    = clip(a * x_t - b * eps_hat)
+    x_next    = sum over slots s of  next[s] * s
+    corrected = sum over slots s of  corrected[s] * s       (UniPC's corrector; 0 elsewhere)
 
-(the columns of Coef, a to sigma in order).
-
-Ancestral DDPM and DDIM are both of this form. `denoise_step` applies it to a batch whose
-rows may come from different plans and sit at different steps: each row brings its own
-coefficients, so batching never changes one image's result.
+The slots (Slot) are x0_hat, x_t, eps_hat, fresh noise z, the x0_hat of the two previous steps
+and UniPC's last corrected sample. Ancestral DDPM and DDIM use the first four; DPM-Solver++(2M),
+with or without noise, and UniPC are multistep solvers, i.e. linear combinations over the
+history a lane carries. `denoise_step` applies the formula to a batch whose rows may come from
+different plans at different steps: each row brings its own coefficients, and a slot no row
+holds is left out of the sums, so batching never changes one image's result.
 """
 
 from __future__ import annotations
@@ -22,45 +24,113 @@ import numpy as np
 import torch
 
 
+class Slot(IntEnum):
+    """What a step's combinations read, in the order they are summed. x0_hat, x_t, eps_hat, z
+    first: the order of the original four-term DDPM/DDIM formula, so those stay bit-identical."""
+
+    X0 = 0  # x0_hat of this step, after clipping
+    X_T = 1  # the lane's sample at this step: the U-Net's input
+    EPS = 2  # eps_hat, the U-Net's output
+    NOISE = 3  # z ~ N(0, I), the lane's draw for this step
+    PREV_X0 = 4  # x0_hat of the previous step
+    PREV_PREV_X0 = 5  # x0_hat of the step before that
+    CORRECTED = 6  # UniPC: the previous step's corrected sample, where its predictor started
+
+
+# What a lane keeps from one step to the next besides x_t (see next_carried).
+CARRIED = (Slot.PREV_X0, Slot.PREV_PREV_X0, Slot.CORRECTED)
+
+
 class Coef(IntEnum):
-    """The columns of SamplingPlan.coefs: what each coefficient multiplies, and its source.
-    DDPM: Ho et al. 2020; DDIM: Song et al. 2021. abar_prev is abar at the next visited t."""
+    """The columns of SamplingPlan.coefs before the two combinations."""
 
     # x0_hat = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps_hat  (DDPM eq. 15; DDIM eq. 12)
     X0_FROM_XT = 0
     X0_FROM_EPS = 1
-    # Posterior mean, mu~ = c1 x0_hat + c2 x_t  (DDPM eq. 7); DDIM: sqrt(abar_prev) x0_hat, no x_t
-    PREV_FROM_X0 = 2
-    PREV_FROM_XT = 3
-    # DDIM's "direction pointing to x_t", sqrt(1 - abar_prev - sigma^2) eps_hat (eq. 12); DDPM: 0
-    PREV_FROM_EPS = 4
-    # Scale of the fresh noise z: DDPM sigma_t (Algorithm 2, line 4; 0 at the last step);
-    # DDIM sigma_t(eta)  (eq. 16)
-    SIGMA = 5
+    # x0_hat is clipped to [-X0_BOUND, X0_BOUND]: 1 when the model's config clips, else inf
+    X0_BOUND = 2
 
 
-def stack_coefs(columns: dict[Coef, torch.Tensor]) -> torch.Tensor:
-    """[N, len(Coef)] from one [N] tensor per column."""
-    if set(columns) != set(Coef):
-        raise ValueError(f"need every column of Coef, got {sorted(c.name for c in columns)}")
-    return torch.stack([columns[c] for c in Coef], dim=1)
+NEXT_COLUMNS = len(Coef)  # column NEXT_COLUMNS + s holds slot s's weight in x_next
+CORRECTED_COLUMNS = NEXT_COLUMNS + len(Slot)  # column CORRECTED_COLUMNS + s: in the corrected sample
+COLUMNS = CORRECTED_COLUMNS + len(Slot)
+SUM_ORDER = tuple(Slot)
+
+
+def next_column(slot: Slot) -> int:
+    return NEXT_COLUMNS + slot
+
+
+def corrected_column(slot: Slot) -> int:
+    return CORRECTED_COLUMNS + slot
 
 
 @dataclass(frozen=True)
 class SamplingPlan:
     timesteps: torch.Tensor  # [N] long, descending: the t given to the model at step i
-    coefs: torch.Tensor  # [N, 6] float64, columns as Coef
-    clip_x0: bool
+    coefs: torch.Tensor  # [N, COLUMNS] float64: Coef, then next_column(s), then corrected_column(s)
+    reads: frozenset[Slot]  # slots with a weight anywhere in the plan
+    corrects: bool  # whether a step computes a corrected sample (UniPC)
 
     def __len__(self) -> int:
         return self.timesteps.shape[0]
 
+    @property
+    def noisy(self) -> bool:
+        """Whether any step adds fresh noise: only then does a lane draw more than x_T."""
+        return Slot.NOISE in self.reads
+
+    @property
+    def draws(self) -> int:
+        """Normal draws per image: x_T, then one z per step when a step adds noise."""
+        return 1 + len(self) if self.noisy else 1
+
+    @property
+    def carries(self) -> frozenset[Slot]:
+        return self.reads & frozenset(CARRIED)
+
+
+Weights = dict[Slot, torch.Tensor]  # one [N] tensor per slot; absent slots weigh 0
+
+
+def build_plan(timesteps: torch.Tensor, x0_coefs: tuple[torch.Tensor, torch.Tensor], clip_x0: bool,
+               next_weights: Weights, corrected_weights: Weights | None = None) -> SamplingPlan:
+    """The plan of a sampler whose step i computes x0_hat with x0_coefs[k][i], then
+    x_next = sum next_weights[s][i] * s and corrected = sum corrected_weights[s][i] * s."""
+    coefs = torch.zeros(len(timesteps), COLUMNS, dtype=torch.float64)
+    coefs[:, Coef.X0_FROM_XT], coefs[:, Coef.X0_FROM_EPS] = x0_coefs
+    coefs[:, Coef.X0_BOUND] = 1.0 if clip_x0 else float("inf")
+    for slot, weight in next_weights.items():
+        coefs[:, next_column(slot)] = weight
+    for slot, weight in (corrected_weights or {}).items():
+        coefs[:, corrected_column(slot)] = weight
+    weights = coefs[:, NEXT_COLUMNS:].view(len(timesteps), 2, len(Slot))  # [N, (next, corrected), slot]
+    used = weights.ne(0).flatten(0, 1).any(dim=0)
+    return SamplingPlan(timesteps, coefs, frozenset(slot for slot in Slot if used[slot]), corrected_weights is not None)
+
 
 def spaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     """diffusers' 'leading' spacing: arange(steps) * (T // steps), descending (T=1000, 50 -> 980..0)."""
+    check_steps(num_timesteps, steps)
+    return (torch.arange(steps, dtype=torch.long) * (num_timesteps // steps)).flip(0)
+
+
+def linspace_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
+    """diffusers' 'linspace' spacing, the default of its multistep solvers: T-1 down to about
+    T / steps, evenly (T=1000, 10 -> 999, 899, ..., 100). The last step goes to x_0 from there.
+    At steps = T diffusers' rounding visits t = 500 twice (a zero-length step its second-order
+    update divides by); every t once is what that spacing means there."""
+    check_steps(num_timesteps, steps)
+    if steps == num_timesteps:
+        return torch.arange(num_timesteps - 1, -1, -1, dtype=torch.long)
+    # numpy's linspace and round-half-to-even, exactly as diffusers computes it
+    spaced = np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    return torch.from_numpy(spaced.copy())
+
+
+def check_steps(num_timesteps: int, steps: int) -> None:
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
-    return (torch.arange(steps, dtype=torch.long) * (num_timesteps // steps)).flip(0)
 
 
 def alphas_cumprod_pairs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor):
@@ -75,19 +145,74 @@ def x0_coefs(abar_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sqrt(1.0 / abar_t), torch.sqrt(1.0 / abar_t - 1.0)
 
 
-def denoise_step(
-    x_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, clip: torch.Tensor, noise: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One reverse step for a batch. coefs: [B, 6] (rows of plans); clip: [B] bool; noise: like x_t.
+@dataclass(frozen=True)
+class LogSnrGrid:
+    """Where a solver of the diffusion ODE steps, in the notation of DPM-Solver (Lu et al. 2022,
+    sec. 2): alpha = sqrt(abar), sigma = sqrt(1 - abar) and the half log-SNR lam = log(alpha / sigma)
+    at each visited t_i, then at the end of the last step (alpha 1, sigma 0, lam inf: x_0 itself).
+    Each is [N + 1]; step i goes from index i to index i + 1."""
 
-    Returns (x_prev, x0_hat)."""
-    c = coefs.to(device=x_t.device, dtype=x_t.dtype)[:, :, None, None, None]  # c[:, Coef.X]: [B, 1, 1, 1]
-    x0 = c[:, Coef.X0_FROM_XT] * x_t - c[:, Coef.X0_FROM_EPS] * eps
-    bound = torch.where(clip.to(x_t.device), 1.0, float("inf")).to(x_t.dtype)[:, None, None, None]
-    x0 = torch.maximum(torch.minimum(x0, bound), -bound)
-    x_prev = (c[:, Coef.PREV_FROM_X0] * x0 + c[:, Coef.PREV_FROM_XT] * x_t + c[:, Coef.PREV_FROM_EPS] * eps
-              + c[:, Coef.SIGMA] * noise)
-    return x_prev, x0
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    lam: torch.Tensor
+
+    @classmethod
+    def of(cls, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> "LogSnrGrid":
+        abar = torch.cat([alphas_cumprod[timesteps], torch.ones(1, dtype=torch.float64)])
+        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
+        return cls(alpha, sigma, alpha.log() - sigma.log())
+
+    @property
+    def h(self) -> torch.Tensor:
+        """[N]: each step's length in lam (inf for the last, which lands on sigma = 0)."""
+        return self.lam[1:] - self.lam[:-1]
+
+    @property
+    def sigma_ratio(self) -> torch.Tensor:
+        """[N]: sigma_{i+1} / sigma_i, the weight of the starting sample in every exponential
+        integrator step of the data-prediction ODE."""
+        return self.sigma[1:] / self.sigma[:-1]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    x_next: torch.Tensor
+    x0: torch.Tensor
+    corrected: torch.Tensor | None  # None when no row of the batch corrects
+
+
+def denoise_step(coefs: torch.Tensor, slots: dict[Slot, torch.Tensor], corrects: bool = False) -> StepOutput:
+    """One step for a batch. coefs: [B, COLUMNS], rows of plans; slots: [B, C, H, W] per slot,
+    X_T and EPS always, any other slot that some row holds (rows without it hold zeros there).
+    A slot left out must weigh 0 in every row: leaving out a zero term changes no bit (x + 0 = x)."""
+    x_t = slots[Slot.X_T]
+    c = coefs.to(device=x_t.device, dtype=x_t.dtype)[:, :, None, None, None].unbind(1)  # c[k]: [B, 1, 1, 1]
+    x0 = c[Coef.X0_FROM_XT] * x_t - c[Coef.X0_FROM_EPS] * slots[Slot.EPS]
+    bound = c[Coef.X0_BOUND]
+    x0 = x0.clamp(-bound, bound)
+    slots = {Slot.X0: x0, **slots}
+    x_next = combine(c[NEXT_COLUMNS:], slots)
+    corrected = combine(c[CORRECTED_COLUMNS:], slots) if corrects else None
+    return StepOutput(x_next, x0, corrected)
+
+
+def combine(weights: tuple[torch.Tensor, ...], slots: dict[Slot, torch.Tensor]) -> torch.Tensor:
+    """sum of weights[s] * slots[s] over the slots present, in Slot order: one fixed rounding,
+    separate multiplies and adds (never fused), so a row's bits never depend on its batch."""
+    total = None
+    for slot in SUM_ORDER:
+        if slot in slots:
+            term = weights[slot] * slots[slot]
+            total = term if total is None else total + term
+    return total
+
+
+def next_carried(carried: dict[Slot, torch.Tensor], output_x0: torch.Tensor,
+                 output_corrected: torch.Tensor | None, keep: frozenset[Slot]) -> dict[Slot, torch.Tensor]:
+    """The carried slots for the next step, of those in `keep`: the history shifts by one."""
+    following = {Slot.PREV_X0: output_x0, Slot.PREV_PREV_X0: carried.get(Slot.PREV_X0),
+                 Slot.CORRECTED: output_corrected}
+    return {slot: value for slot, value in following.items() if slot in keep and value is not None}
 
 
 def derived_seed(seed: int, key: int) -> int:

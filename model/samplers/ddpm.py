@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import GaussianDiffusion
-from .base import Coef, SamplingPlan, alphas_cumprod_pairs, spaced_timesteps, stack_coefs, x0_coefs
+from .base import SamplingPlan, Slot, alphas_cumprod_pairs, build_plan, spaced_timesteps, x0_coefs
 
 
 def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> SamplingPlan:
@@ -27,13 +27,8 @@ def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> Sampling
         variance = beta
     sigma = torch.sqrt(variance)
     sigma[-1] = 0.0  # no noise on the final step (t = 0 in Algorithm 2)
-    a, b = x0_coefs(abar_t)
-    coefs = stack_coefs({
-        Coef.X0_FROM_XT: a,  # eq. 15
-        Coef.X0_FROM_EPS: b,
-        Coef.PREV_FROM_X0: prev_from_x0,  # eq. 7
-        Coef.PREV_FROM_XT: prev_from_xt,
-        Coef.PREV_FROM_EPS: torch.zeros_like(a),
-        Coef.SIGMA: sigma,  # Algorithm 2
+    return build_plan(timesteps, x0_coefs(abar_t), diffusion.config.clip_x0, {  # x0_hat: eq. 15
+        Slot.X0: prev_from_x0,  # the posterior mean mu~(x_t, x0_hat)  (eq. 7)
+        Slot.X_T: prev_from_xt,
+        Slot.NOISE: sigma,  # sigma_t z  (Algorithm 2, line 4)
     })
-    return SamplingPlan(timesteps, coefs, diffusion.config.clip_x0)

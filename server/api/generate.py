@@ -31,7 +31,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, owner:
     want_png = prefers_png(request.headers.get("accept", ""))
     if want_png and body.n != 1:
         raise ApiError(406, "not_acceptable", "Accept: image/png returns one image; ask for n=1 or accept JSON")
-    spec = state.accept(body.to_spec(owner))
+    spec = state.accept(body.to_spec(owner, image_shape=state.limits.image_shape))
     with state.slots.hold(owner):
         handle = state.engine.submit(spec)
         done = await result_unless_disconnected(handle, request)

@@ -21,7 +21,7 @@ websocket_router = APIRouter(tags=["jobs"])
 async def create_job(body: JobRequest, state: State, owner: Owner, response: Response) -> JobCreated:
     """Queue a generation and return at once, once the job is stored; poll GET /jobs/{id} or
     attach to WS /ws/jobs/{id}. The seed is drawn now if absent: a re-run gives the same images."""
-    spec = state.accept(body.to_spec(owner, state.settings.default_preview_every))
+    spec = state.accept(body.to_spec(owner, state.settings.default_preview_every, state.limits.image_shape))
     state.slots.acquire(owner)  # held until the job ends (JobService releases it)
     try:
         record = state.jobs.submit(spec)

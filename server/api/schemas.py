@@ -7,11 +7,16 @@ are the contract's events: POST /generate answers with the `done` event itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from server.contract import MAX_SEED, Done, FrameKind, GenerationSpec, SamplerName
+from server.api.errors import ApiError
+from server.api.images import keep_mask, picture
+from server.contract.sources import DEFAULT_INTERPOLATION_T, DEFAULT_STRENGTH, OPERATIONS, Source
 from server.contract.spec import ETA_RANGE
 
 
@@ -45,19 +50,77 @@ class GenerateRequest(BaseModel):
                    description="images (at most the model's max_images_per_request)")
     steps: JsonInt | None = Field(GenerationSpec.steps, json_schema_extra=bounds(1),
                               description="denoising steps, 1..T; default T (the paper's 1000)")
-    sampler: SamplerName = Field(GenerationSpec.sampler, description="ddpm (ancestral, the paper's) or ddim")
+    sampler: SamplerName = Field(GenerationSpec.sampler, description="ddpm (ancestral, the paper's), ddim, dpmpp_2m "
+                                 "(DPM-Solver++(2M): near-full quality in 10-20 steps), dpmpp_2m_sde or unipc")
     eta: float = Field(GenerationSpec.eta, json_schema_extra=bounds(*ETA_RANGE),
                        description="DDIM noise: 0 deterministic, 1 DDPM-like")
     seed: JsonInt | None = Field(GenerationSpec.seed, json_schema_extra=bounds(0, MAX_SEED),
                              description="request seed; random when absent")
     response_format: Literal["b64_json"] = "b64_json"
+    # Image-to-image (server.contract.sources): images as base64 PNG, JPEG or WebP files.
+    operation: Literal["generate", *OPERATIONS] = Field(
+        "generate", description="generate from noise, or start from `image` (see the README's image-to-image)")
+    image: str | None = Field(None, description="base64 image file: variation, inpaint, interpolate, reconstruct")
+    mask: str | None = Field(None, description="inpaint: base64 PNG of the image's size; alpha 0 = regenerate")
+    image2: str | None = Field(None, description="interpolate: the second image (base64)")
+    strength: float = Field(DEFAULT_STRENGTH, json_schema_extra=bounds(0, 1),
+                            description="variation: how far to noise the image, t0 = strength x T (0 < strength <= 1)")
+    lambdas: list[float] | None = Field(None, description="interpolate: one image per lambda in [0, 1]")
+    t: JsonInt = Field(DEFAULT_INTERPOLATION_T, json_schema_extra=bounds(1),
+                       description="interpolate: the paper's t to encode both images at (1..T)")
+    timesteps: list[JsonInt] | None = Field(None, description="reconstruct: one image per t in 1..T")
 
-    def to_spec(self, owner: str | None, default_preview_every: int = 0) -> GenerationSpec:
+    def to_spec(self, owner: str | None, default_preview_every: int = 0,
+                image_shape: tuple[int, int, int] | None = None) -> GenerationSpec:
         return GenerationSpec(n=self.n, steps=self.steps, sampler=self.sampler, eta=self.eta, seed=self.seed,
-                              owner=owner, **self.previews(default_preview_every))
+                              owner=owner, source=self.source(image_shape), **self.previews(default_preview_every))
+
+    def source(self, image_shape: tuple[int, int, int] | None) -> Source | None:
+        if self.operation == "generate":
+            for name in ("image", "mask", "image2", "lambdas", "timesteps"):
+                if getattr(self, name) is not None:
+                    raise ApiError(422, "invalid_request", f"{name}: only for image-to-image operations; "
+                                                           "set operation")
+            return None
+        if image_shape is None:
+            raise ApiError(422, "invalid_request", "operation: this server's engine takes no input images")
+        image = required(self, "image")
+        return Source(
+            operation=self.operation,
+            image=picture("image", image, image_shape),
+            strength=self.strength,
+            keep=keep_mask("mask", required(self, "mask"), "image", image, image_shape)
+            if self.operation == "inpaint" else None,
+            other=picture("image2", required(self, "image2"), image_shape) if self.operation == "interpolate" else None,
+            lambdas=tuple(required_list(self, "lambdas", "interpolate")),
+            t=self.t,
+            timesteps=tuple(required_list(self, "timesteps", "reconstruct")),
+        )
 
     def previews(self, default_preview_every: int) -> dict:
         return {}  # REST answers with the final images only
+
+
+def required(body: BaseModel, name: str) -> bytes:
+    """The base64 field `name` decoded, or a 422 naming it."""
+    text = getattr(body, name)
+    if text is None:
+        raise ApiError(422, "invalid_request", f"{name}: required for operation {body.operation}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ApiError(422, "invalid_request", f"{name}: not valid base64 ({exc})") from exc
+
+
+def required_list(body: BaseModel, name: str, operation: str) -> list:
+    values = getattr(body, name)
+    if body.operation != operation:
+        if values is not None:
+            raise ApiError(422, "invalid_request", f"{name}: only for operation {operation}")
+        return []
+    if values is None:
+        raise ApiError(422, "invalid_request", f"{name}: required for operation {operation}")
+    return values
 
 
 class JobRequest(GenerateRequest):

@@ -88,7 +88,7 @@ async def serve_stream(websocket: WebSocket, state: ServerState, owner: str | No
     """One accepted connection: the request, its events, its end."""
     try:
         request = await receive_request(websocket, state.settings.max_body_bytes)
-        spec = state.accept(request.to_spec(owner, state.settings.default_preview_every))
+        spec = state.accept(request.to_spec(owner, state.settings.default_preview_every, state.limits.image_shape))
         with state.slots.hold(owner):
             handle = state.engine.submit(spec)
             await relay(websocket, handle, state.settings.max_body_bytes, state.settings.ws_send_timeout_s)

@@ -23,6 +23,7 @@ from .events import (
     Queued,
     RequestState,
     RequestStatus,
+    Requeued,
     Started,
     event_json,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "RequestLimits",
     "RequestState",
     "RequestStatus",
+    "Requeued",
     "SamplerName",
     "Started",
     "ValidSpec",

@@ -72,6 +72,15 @@ class Done(EventModel):
     timings: dict[str, float] = Field(default_factory=dict, description="queue_s, run_s, total_s")
 
 
+class Requeued(EventModel):
+    """The replica running the request died; it runs again elsewhere from its seed (same images)."""
+
+    type: Literal["requeued"] = "requeued"
+    id: str
+    attempt: int = Field(description="the run about to start: 2 for the first re-run")
+    reason: str
+
+
 class Failed(EventModel):
     type: Literal["error"] = "error"
     id: str | None = Field(description="null when the request was never accepted")
@@ -79,7 +88,7 @@ class Failed(EventModel):
     message: str
 
 
-Event = Union[Queued, Started, Progress, Frame, Done, Failed]
+Event = Union[Queued, Started, Progress, Frame, Requeued, Done, Failed]
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -118,6 +127,7 @@ class ModelInfo(BaseModel):
     dataset: str | None
     info: dict[str, Any]
     device: str
+    dtype: str = Field(description="the U-Net's compute dtype: float32, bfloat16 or float16 (sampling stays float32)")
     threads: int = Field(description="torch threads of the engine's thread (CPU)")
     samplers: list[str]
     policy: str

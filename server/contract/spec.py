@@ -12,9 +12,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from .sources import IMAGE_SAMPLERS, OPERATIONS, Picture, Source
+
 # The model's samplers (model.samplers.SAMPLERS; a test proves the two agree) and the kinds
 # of preview frame: x_t, the noisy image, or x0, the model's current guess of the final one.
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 FrameKind = Literal["x_t", "x0"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 FRAME_KINDS: tuple[str, ...] = get_args(FrameKind)
@@ -38,6 +40,7 @@ class RequestLimits:
 
     num_timesteps: int  # the model's T: the most steps a request may take
     max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of input images; None: none accepted
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class GenerationSpec:
     preview_kinds: tuple[str, ...] = FRAME_KINDS
     timeout_s: float | None = None  # deadline from submission; None: the engine's default
     owner: str | None = None  # who submitted it (an API key id); used for visibility and per-owner limits
+    source: Source | None = None  # image-to-image: where the lanes start (None: pure noise)
 
 
 _PROOF = object()  # held only by validate: a ValidSpec cannot be built anywhere else
@@ -72,6 +76,7 @@ class ValidSpec:
     timeout_s: float | None
     owner: str | None
     limits: RequestLimits
+    source: Source | None
     _proof: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class ValidSpec:
 def validate(spec: GenerationSpec, limits: RequestLimits) -> ValidSpec:
     """`spec` checked against `limits`, or InvalidSpec naming the first bad field and its range."""
     n = check_int("n", spec.n, 1, limits.max_images_per_request)
+    if spec.source is not None:
+        n = check_source(spec.source, spec.sampler, limits) or n
     steps = limits.num_timesteps if spec.steps is None else check_int(
         "steps", spec.steps, 1, limits.num_timesteps, " (the model's T)")
     if spec.sampler not in SAMPLER_NAMES:
@@ -98,7 +105,50 @@ def validate(spec: GenerationSpec, limits: RequestLimits) -> ValidSpec:
     if spec.timeout_s is not None:
         check_float("timeout_s", spec.timeout_s, 0.0, None, exclusive_min=True)
     return ValidSpec(n, steps, spec.sampler, eta, seed, preview_every, kinds, spec.timeout_s, spec.owner,
-                     limits, _PROOF)
+                     limits, spec.source, _PROOF)
+
+
+def check_source(source: Source, sampler: str, limits: RequestLimits) -> int | None:
+    """InvalidSpec unless `source` fits the model; returns the image count it fixes, if any."""
+    if source.operation not in OPERATIONS:
+        raise InvalidSpec("operation", f"operation must be one of {list(OPERATIONS)}, got {source.operation!r}")
+    check_picture("image", source.image, limits)
+    if sampler not in IMAGE_SAMPLERS:
+        raise InvalidSpec("sampler", f"image-to-image works with {list(IMAGE_SAMPLERS)}, got {sampler!r}")
+    op = source.operation
+    if op == "variation":
+        check_float("strength", source.strength, 0.0, 1.0, exclusive_min=True)
+    elif op == "inpaint":
+        _, h, w = source.image.shape
+        if source.keep is None or len(source.keep) != h * w:
+            raise InvalidSpec("mask", f"inpainting needs a mask of the image's size ({w}x{h})")
+    elif op == "interpolate":
+        if source.other is None:
+            raise InvalidSpec("image2", "interpolation needs a second image")
+        check_picture("image2", source.other, limits)
+        check_list("lambdas", source.lambdas, limits)
+        for value in source.lambdas:
+            check_float("lambdas", value, 0.0, 1.0)
+        check_int("t", source.t, 1, limits.num_timesteps, " (the model's T)")
+    else:
+        check_list("timesteps", source.timesteps, limits)
+        for value in source.timesteps:
+            check_int("timesteps", value, 1, limits.num_timesteps, " (the model's T)")
+    return source.image_count
+
+
+def check_picture(name: str, picture: object, limits: RequestLimits) -> None:
+    if limits.image_shape is None:
+        raise InvalidSpec(name, "this engine takes no input images")
+    if not isinstance(picture, Picture) or picture.shape != limits.image_shape:
+        c, h, w = limits.image_shape
+        raise InvalidSpec(name, f"{name} must be a {w}x{h} image with {c} channel(s)")
+
+
+def check_list(name: str, values: tuple, limits: RequestLimits) -> None:
+    if not 1 <= len(values) <= limits.max_images_per_request:
+        raise InvalidSpec(name, f"{name} must hold 1 to {limits.max_images_per_request} values (one image each), "
+                                f"got {len(values)}")
 
 
 def check_int(name: str, value: object, low: int, high: int | None, note: str = "") -> int:

@@ -9,8 +9,17 @@ queue and the request registry. The engine thread does the rest, one iteration a
     publish   frames that are due, progress, finished requests (PNGs encoded in a pool)
 
 A failing step fails exactly the requests in its batch; on device out-of-memory the batch
-cap is halved and the step retried first. Shutdown stops accepting, fails what has not
-started, finishes what runs, and past the grace period fails the rest with code "shutdown".
+cap is halved and the step retried first (and the cap grows back after good steps). A device
+that fails for good (a sticky CUDA error) fails every request with code "device_error" and
+turns the engine unhealthy: `ready` goes false (/readyz, the Docker health check) and `submit`
+refuses work with the reason. Shutdown stops accepting, fails what has not started, finishes
+what runs, and past the grace period fails the rest with code "shutdown".
+
+Before `start` returns, the engine thread runs the U-Net once per batch shape it will meet
+(CUDA) or once (CPU): first calls pay one-time set-up costs the first requests should not.
+On CUDA the serving path computes in full fp32 (TF32 off): cuDNN picks its algorithms per
+batch size, and with TF32 an image could depend on the batch it shares beyond fp32 rounding.
+Step times come from CUDA events read once the device has passed them (no host-device sync).
 """
 
 from __future__ import annotations
@@ -27,10 +36,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from model import DDPM
+from model.precision import dtype_name
 from model.samplers import SAMPLERS
 from server.contract import (
     EngineClosed,
     EngineConfig,
+    EngineError,
     EngineObserver,
     Failed,
     ModelInfo,
@@ -46,10 +57,12 @@ from server.contract import (
 )
 from server.contract.channel import ChannelHandle, EventChannel
 
+from .faults import device_is_broken, is_out_of_memory
 from .publisher import Publisher
 from .request import Lane, Request
 from .runner import Runner
 from .scheduler import Scheduler
+from .timing import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +94,16 @@ class Engine:
         self.config = config
         self.observer = observer or NullObserver()
         self._runner = Runner(ddpm)
+        serve_in_full_fp32(self._runner.device)
         self._torch_threads = config.torch_threads or torch.get_num_threads()
         self._scheduler = Scheduler(config.policy, config.max_batch)
-        self.limits = RequestLimits(self._runner.num_timesteps, config.max_images_per_request)
+        self.limits = RequestLimits(self._runner.num_timesteps, config.max_images_per_request,
+                                    tuple(self._runner.image_shape))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: Publisher | None = None
         self._thread: threading.Thread | None = None
         self._wakeup = threading.Event()
+        self._warmed_up = threading.Event()
         # Shared with callers, under _lock.
         self._lock = threading.Lock()
         self._requests: dict[str, Request] = {}
@@ -95,8 +111,10 @@ class Engine:
         self._waiting_images = 0
         self._closing = False
         self._grace_deadline = math.inf
+        self._fault: str | None = None  # why the engine can serve nothing more (its device failed)
         # The engine thread's own.
         self._running: list[Lane] = []  # admission order
+        self._timer = StepTimer(self._runner.device)
         self._step_s = 0.0  # moving average of one step's duration
 
     # ---- lifecycle (on the asyncio loop) ----
@@ -108,6 +126,7 @@ class Engine:
         self._publisher = Publisher(self._loop, self.config.encoder_threads)
         self._thread = threading.Thread(target=self._run, name="ddpm-engine", daemon=True)
         self._thread.start()
+        await asyncio.to_thread(self._warmed_up.wait)
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
@@ -121,7 +140,8 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closing
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and not self._closing and self._fault is None
 
     # ---- the client interface (on the asyncio loop; never blocks) ----
 
@@ -136,7 +156,9 @@ class Engine:
         channel = EventChannel(self._loop)
         request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel, on_start)
         with self._lock:
-            if self._closing:
+            if self._fault is not None:
+                rejection = "failed"
+            elif self._closing:
                 rejection = "closed"
             elif self._waiting_images + spec.n > self.config.max_queue:
                 rejection = "queue_full"
@@ -146,6 +168,9 @@ class Engine:
                 self._waiting.append(request)
                 self._waiting_images += spec.n
                 position = len(self._waiting) - 1
+        if rejection == "failed":
+            self.observer.on_reject("closed")
+            raise EngineError(self._fault)
         if rejection == "closed":
             self.observer.on_reject("closed")
             raise EngineClosed("the engine is shutting down")
@@ -193,6 +218,7 @@ class Engine:
             dataset=ddpm.info.get("dataset"),
             info=ddpm.info,
             device=str(self._runner.device),
+            dtype=dtype_name(ddpm.dtype),
             threads=self._torch_threads,
             samplers=sorted(SAMPLERS),
             policy=self.config.policy,
@@ -236,16 +262,40 @@ class Engine:
         torch.set_num_threads(self._torch_threads)
         try:
             with torch.inference_mode():
+                self._warm_up()
+                self._warmed_up.set()
                 while self._iterate():
                     pass
-        except BaseException as exc:  # a bug in the loop itself: still end every request
+        except BaseException as exc:  # a bug in the loop itself: still end every request, and say so
             log.exception("the engine loop crashed")
-            with self._lock:
-                self._closing = True
-                requests = list(self._requests.values())
-            for request in requests:
-                self._end(request, "internal", f"the engine stopped: {exc!r}")
+            self._fail_everything("internal", f"the engine stopped: {exc!r}")
             self._publisher.flush()
+        finally:
+            self._warmed_up.set()  # start() returns whatever happened
+
+    def _warm_up(self) -> None:
+        """The first U-Net call of each batch shape pays one-time costs (CUDA: lazy kernel
+        loading, cuDNN and cuBLAS set-up, allocator growth; CPU: oneDNN set-up) that would
+        otherwise land on the first requests. An out-of-memory lowers the batch cap as in
+        service; a broken device fails the engine before it is ready."""
+        unet, device = self._runner.ddpm.unet, self._runner.device
+        fitted = 0
+        for batch_size in warm_up_batch_sizes(device, self._scheduler.batch_cap):
+            x = torch.zeros(batch_size, *self._runner.image_shape, device=device)
+            t = torch.zeros(batch_size, dtype=torch.long, device=device)
+            try:
+                unet(x, t)
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    release_cached_memory(device)
+                    log.warning("out of device memory warming up batch %d; batch cap now %d", batch_size, fitted or 1)
+                    self._scheduler.lower_batch_cap(fitted)
+                elif device_is_broken(exc, device):
+                    self._break_down(exc)
+                else:  # requests will show whether it was the shape or the model
+                    log.error("the warm-up call at batch %d failed", batch_size, exc_info=exc)
+                return
+            fitted = batch_size
 
     def _iterate(self) -> bool:
         """One scheduling iteration; False when shut down and empty."""
@@ -254,6 +304,7 @@ class Engine:
         batch = self._admit()
         if batch:
             self._step(batch)
+        self._record_step_times()
         self._publisher.flush()
         self.observer.on_load(len(self._running), self._waiting_images)
         return bool(batch) or self._wait_for_work()
@@ -284,47 +335,89 @@ class Engine:
     def _admit(self) -> list[Lane]:
         """Admits the lanes the scheduler picks; returns the lanes to step now."""
         started = []
+        failure: tuple[Request, Exception] | None = None
         with self._lock:
             waiting = (request.lanes_waiting for request in self._waiting)
             plan = self._scheduler.schedule(waiting, len(self._running))
             for count in plan.admit:
                 request = self._waiting[0]
-                self._running.extend(request.admit_lanes(count, self._runner.image_shape, self._runner.device))
+                try:  # a lane's x_T is allocated on the device: that can run out of memory too
+                    lanes = request.admit_lanes(count, self._runner.image_shape, self._runner.device)
+                except Exception as exc:
+                    failure = (request, exc)
+                    break
+                self._running.extend(lanes)
+                self._waiting_images -= count
                 if request.state is RequestState.QUEUED:
                     request.state = RequestState.RUNNING
                     request.started_at = time.monotonic()
                     started.append(request)
                 if not request.lanes_waiting:
                     self._waiting.popleft()
-            self._waiting_images -= plan.admitted
         for request in started:
             request.announce_start()
             self._publisher.send(request.channel, Started(id=request.id))
             self.observer.on_start(request.started_at - request.submitted_at)
+        if failure is not None:
+            self._admission_failed(*failure)
         return self._running[: plan.run]
 
+    def _admission_failed(self, request: Request, error: Exception) -> None:
+        """New lanes could not be made. Out of memory: no more admissions until good steps
+        regrow the cap, or, with nothing running to free memory, the request fails."""
+        if is_out_of_memory(error):
+            release_cached_memory(self._runner.device)
+            if self._running:
+                log.warning("out of device memory admitting lanes beside %d running; batch cap now %d",
+                            len(self._running), len(self._running))
+                self._scheduler.lower_batch_cap(len(self._running))
+            else:
+                self._end(request, "out_of_memory", "out of device memory creating the request's starting noise")
+        elif device_is_broken(error, self._runner.device):
+            self._break_down(error)
+        else:
+            log.error("admitting the lanes of request %s failed", request.id, exc_info=error)
+            self._end(request, "internal", f"starting the request failed: {error!r}")
+
     def _step(self, batch: list[Lane]) -> None:
-        began = time.perf_counter()
+        start = self._timer.start()
         try:
             x_prev, x0 = self._runner.step(batch)
-        except torch.OutOfMemoryError:
-            if self._scheduler.halve_batch_cap():
-                log.warning("out of device memory at batch %d; batch cap now %d", len(batch), self._scheduler.batch_cap)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                return  # the next iteration retries the oldest lanes at the smaller cap
-            self._fail_batch(batch, "out_of_memory", "out of device memory even at batch size 1")
-            return
         except Exception as exc:
-            log.exception("a denoising step failed; failing the %d lanes of its batch", len(batch))
-            self._fail_batch(batch, "internal", f"a denoising step failed: {exc!r}")
+            self._step_failed(batch, exc)
             return
-        step_s = time.perf_counter() - began
-        self._step_s = step_s if not self._step_s else 0.9 * self._step_s + 0.1 * step_s
+        self._timer.stop(start, len(batch))
+        self._scheduler.step_succeeded()
         for lane, x in zip(batch, x_prev):
             lane.advance(x)
         self._publish(batch, x_prev, x0)
-        self.observer.on_step(len(batch), step_s)
+
+    def _step_failed(self, batch: list[Lane], error: Exception) -> None:
+        if is_out_of_memory(error):
+            release_cached_memory(self._runner.device)
+            if self._scheduler.halve_batch_cap():
+                log.warning("out of device memory at batch %d; batch cap now %d", len(batch), self._scheduler.batch_cap)
+                return  # the next iteration retries the oldest lanes at the smaller cap
+            self._fail_batch(batch, "out_of_memory", "out of device memory even at batch size 1")
+        elif device_is_broken(error, self._runner.device):
+            self._break_down(error)
+        else:
+            log.error("a denoising step failed; failing the %d lanes of its batch", len(batch), exc_info=error)
+            self._fail_batch(batch, "internal", f"a denoising step failed: {error!r}")
+
+    def _record_step_times(self) -> None:
+        """Steps the device has finished (on CUDA, read without waiting for it: see timing)."""
+        for batch_size, step_s in self._timer.finished():
+            self._step_s = step_s if not self._step_s else 0.9 * self._step_s + 0.1 * step_s
+            self.observer.on_step(batch_size, step_s)
+
+    def _break_down(self, error: Exception) -> None:
+        """The device failed for good: every request fails, and the engine reports unhealthy
+        and refuses work until the process is restarted (a sticky CUDA error cannot be undone)."""
+        log.critical("device %s failed and cannot recover: %s; failing every request, restart the server",
+                     self._runner.device, error)
+        self._fail_everything("device_error", f"the device {self._runner.device} failed ({error}); "
+                                              f"this server cannot compute until it is restarted")
 
     def _publish(self, batch: Sequence[Lane], x_prev: Sequence[torch.Tensor], x0: Sequence[torch.Tensor]) -> None:
         """After a step: due frames, progress, finished images and requests."""
@@ -383,6 +476,14 @@ class Engine:
         self._publisher.send_done(request, timings)
         self.observer.on_finish("succeeded", timings["total_s"])
 
+    def _fail_everything(self, code: str, message: str) -> None:
+        """Ends every live request with `code`; from now on `submit` refuses work with `message`."""
+        with self._lock:
+            self._fault = message
+            requests = list(self._requests.values())
+        for request in requests:
+            self._end(request, code, message)
+
     def _fail_batch(self, batch: Sequence[Lane], code: str, message: str) -> None:
         for request in dict.fromkeys(lane.request for lane in batch):
             self._end(request, code, message)
@@ -401,3 +502,30 @@ class Engine:
         self._publisher.forget(request)
         self._publisher.send(request.channel, Failed(id=request.id, code=code, message=message))
         self.observer.on_finish(OUTCOME_OF_CODE.get(code, "failed"), time.monotonic() - request.submitted_at)
+
+
+def warm_up_batch_sizes(device: torch.device, batch_cap: int) -> list[int]:
+    """CUDA: every power of two up to the cap, and the cap (kernels are chosen per shape).
+    CPU: batch 1 only; there first-call costs hardly depend on the shape, and each call of a
+    large batch takes a good part of a second."""
+    if device.type != "cuda":
+        return [1]
+    sizes = [1 << power for power in range(batch_cap.bit_length())]
+    return sizes if sizes[-1] == batch_cap else [*sizes, batch_cap]
+
+
+def serve_in_full_fp32(device: torch.device) -> None:
+    """TF32 off for cuDNN convolutions and matmuls (torch turns it on for convolutions): with
+    its 10-bit mantissas, an image could differ with the batch it shares by more than fp32
+    rounding (bench/gpu_check.py measures both). The legacy flags, which every torch from 2.3
+    to 2.13 reads; a bf16 U-Net (model.load's dtype) is not affected."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """After an out-of-memory: hand the allocator's cached blocks back, so the retry at a
+    smaller batch can use them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

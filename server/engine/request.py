@@ -1,8 +1,9 @@
 """A request and its lanes: the engine thread's bookkeeping for one generation.
 
 A request of n images becomes n lanes. Each lane carries its own x_t, its own position in
-its sampler's step list and its own torch.Generator, so a lane computes the same image in
-any batch, beside any other lanes, at any step of theirs.
+its sampler's step list, its own noise stream (a CPU generator) and, for a multistep sampler,
+its own history, so a lane computes the same image in any batch, beside any other lanes, at any
+step of theirs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.samplers import SamplingPlan, image_generator, image_seed
+from model.samplers import NoiseStream, SamplingPlan, Slot, image_seed, stack_to
 
 from server.contract import RequestState, ValidSpec
 from server.contract.channel import EventChannel
@@ -23,18 +24,21 @@ from server.contract.channel import EventChannel
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a step gathers the set of its lanes' plans
 class LanePlan:
     """A SamplingPlan as Python lists: gathering B rows from lists is one cheap
     torch.tensor call per step, where indexing B tensors would be B small ops."""
 
     timesteps: list[int]
     coef_rows: list[list[float]]
-    clip_x0: bool
+    draws: int  # normal draws per image (SamplingPlan.draws)
+    noisy: bool
+    carries: frozenset[Slot]
+    corrects: bool
 
     @classmethod
     def of(cls, plan: SamplingPlan) -> "LanePlan":
-        return cls(plan.timesteps.tolist(), plan.coefs.tolist(), plan.clip_x0)
+        return cls(plan.timesteps.tolist(), plan.coefs.tolist(), plan.draws, plan.noisy, plan.carries, plan.corrects)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -43,17 +47,17 @@ class LanePlan:
 class Lane:
     """One image of a request on its way from x_T to x_0."""
 
-    __slots__ = ("request", "index", "plan", "cursor", "x", "generator", "noise")
+    __slots__ = ("request", "index", "plan", "cursor", "x", "noise", "carried", "next_carried")
 
-    def __init__(self, request: "Request", index: int, shape: tuple[int, ...], device: torch.device):
+    def __init__(self, request: "Request", index: int, noise: NoiseStream, x_T: torch.Tensor):
         self.request = request
         self.index = index
         self.plan = request.plan
         self.cursor = 0  # steps done
-        # x_T first, then one draw per step from the same generator, exactly as DDPM.sample.
-        self.generator = image_generator(request.seed, index, device)
-        self.x = torch.randn(shape, generator=self.generator, device=device)
-        self.noise: torch.Tensor | None = None  # this step's z, kept until the step succeeds
+        self.noise = noise  # x_T was its first draw, step i's z is draw i + 1, exactly as DDPM.sample
+        self.x = x_T
+        self.carried: dict[Slot, torch.Tensor] = {}  # a multistep sampler's history
+        self.next_carried = self.carried  # set by the runner's step, made current by advance
 
     @property
     def t(self) -> int:
@@ -67,16 +71,16 @@ class Lane:
     def finished(self) -> bool:
         return self.cursor == len(self.plan)
 
-    def step_noise(self) -> torch.Tensor:
-        """z for the current step, drawn once: a retried step (after an OOM) reuses it."""
-        if self.noise is None:
-            self.noise = torch.randn(self.x.shape, generator=self.generator, device=self.x.device)
-        return self.noise
+    def step_noise(self) -> torch.Tensor | None:
+        """z for the current step on the CPU (None if the sampler adds none), the same tensor
+        however often it is asked for: a retried step (after an OOM) reuses it."""
+        return self.noise[self.cursor + 1] if self.plan.noisy else None
 
-    def advance(self, x_prev: torch.Tensor) -> None:
-        self.x = x_prev
+    def advance(self, x_next: torch.Tensor) -> None:
+        """Commits the step the runner computed: the sample, the history, the position."""
+        self.x = x_next
+        self.carried = self.next_carried
         self.cursor += 1
-        self.noise = None
 
 
 class Request:
@@ -120,7 +124,9 @@ class Request:
 
     def admit_lanes(self, count: int, shape: tuple[int, ...], device: torch.device) -> list[Lane]:
         first = len(self.lanes)
-        lanes = [Lane(self, index, shape, device) for index in range(first, first + count)]
+        streams = [NoiseStream(self.seed, index, shape, self.plan.draws) for index in range(first, first + count)]
+        x_T = stack_to([stream[0] for stream in streams], device).unbind(0)  # one copy for all
+        lanes = [Lane(self, first + i, stream, x) for i, (stream, x) in enumerate(zip(streams, x_T))]
         self.lanes.extend(lanes)
         self.lanes_waiting -= count
         return lanes

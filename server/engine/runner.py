@@ -1,11 +1,16 @@
 """The model's side of the engine: one batched denoising step over lanes of any requests.
 
-Each lane brings its own timestep, its own sampler coefficients and its own noise, so lanes
-of different samplers, step counts and positions share one U-Net call:
+Each lane brings its own timestep, its own sampler coefficients, its own noise and, for a
+multistep sampler, its own history, so lanes of different samplers, step counts and positions
+share one U-Net call:
 
-    t[B], coefs[B, 6], clip[B]  gathered from each lane's plan at its cursor
+    t[B], coefs[B, COLUMNS]       gathered from each lane's plan at its cursor (one copy each)
     eps = unet(x_t[B, C, H, W], t)
-    x_prev, x0_hat = denoise_step(x_t, eps, coefs, clip, z)   z[b] from lane b's generator
+    slots: z[B] from each lane's CPU noise stream (one copy), history[B] per carried slot
+    x_next, x0_hat, corrected = denoise_step(coefs, slots)       (model.samplers.base)
+
+A slot is gathered only when some lane of the batch uses it; lanes without it contribute zeros,
+which their zero coefficients ignore. Nothing waits for the device: no value is read back.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from model import DDPM
-from model.samplers import denoise_step, make_plan
+from model.samplers import CARRIED, Slot, denoise_step, make_plan, next_carried, stack_to, tensor_to
 
 from .request import Lane, LanePlan
 
@@ -30,6 +35,8 @@ class Runner:
         self.device = ddpm.device
         self.image_shape = ddpm.image_shape
         self._plans: OrderedDict[tuple[str, int, float], LanePlan] = OrderedDict()
+        self._no_noise = torch.zeros(self.image_shape)  # z of a lane whose sampler adds none (CPU)
+        self._no_history = torch.zeros(self.image_shape, device=self.device)  # a slot a lane lacks
 
     @property
     def num_timesteps(self) -> int:
@@ -49,15 +56,31 @@ class Runner:
         return plan
 
     def step(self, lanes: Sequence[Lane]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One reverse step for every lane; returns (x_prev, x0_hat) per lane.
-        Lanes are not advanced (the caller commits), so a failed step can be retried: each
-        lane keeps the noise it drew for this step."""
+        """One reverse step for every lane; returns (x_next, x0_hat) per lane.
+        Lanes are not advanced (the caller commits with lane.advance), so a failed step can be
+        retried: each lane keeps its history and reads the same noise again."""
         device = self.device
-        t = torch.tensor([lane.t for lane in lanes], dtype=torch.long, device=device)
-        coefs = torch.tensor([lane.coefs for lane in lanes], dtype=torch.float64)
-        clip = torch.tensor([lane.plan.clip_x0 for lane in lanes])
+        plans = {lane.plan for lane in lanes}
         x_t = torch.stack([lane.x for lane in lanes])
-        noise = torch.stack([lane.step_noise() for lane in lanes])
-        eps = self.ddpm.unet(x_t, t)
-        x_prev, x0 = denoise_step(x_t, eps, coefs, clip, noise)
-        return x_prev.unbind(0), x0.unbind(0)
+        t = tensor_to([lane.t for lane in lanes], torch.long, device)
+        eps = self.ddpm.unet(x_t, t)  # on CUDA it runs while the host gathers the rest
+        coefs = tensor_to([lane.coefs for lane in lanes], torch.float32, device)
+        slots = {Slot.X_T: x_t, Slot.EPS: eps, **self._gather_history(lanes, plans)}
+        if any(plan.noisy for plan in plans):
+            slots[Slot.NOISE] = stack_to([self._noise_of(lane) for lane in lanes], device)
+        out = denoise_step(coefs, slots, corrects=any(plan.corrects for plan in plans))
+        x0 = out.x0.unbind(0)
+        if any(plan.carries for plan in plans):
+            corrected = out.corrected.unbind(0) if out.corrected is not None else [None] * len(lanes)
+            for lane, lane_x0, lane_corrected in zip(lanes, x0, corrected):
+                lane.next_carried = next_carried(lane.carried, lane_x0, lane_corrected, lane.plan.carries)
+        return out.x_next.unbind(0), x0
+
+    def _gather_history(self, lanes: Sequence[Lane], plans: set[LanePlan]) -> dict[Slot, torch.Tensor]:
+        carried = frozenset().union(*(plan.carries for plan in plans))
+        return {slot: torch.stack([lane.carried.get(slot, self._no_history) for lane in lanes])
+                for slot in CARRIED if slot in carried}
+
+    def _noise_of(self, lane: Lane) -> torch.Tensor:
+        z = lane.step_noise()
+        return self._no_noise if z is None else z

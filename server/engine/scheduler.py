@@ -27,6 +27,8 @@ from itertools import islice
 
 from server.contract import POLICIES, Policy
 
+REGROW_AFTER_STEPS = 64  # good steps below max_batch before the cap doubles again (see step_succeeded)
+
 
 @dataclass(frozen=True)
 class SchedulePlan:
@@ -45,14 +47,38 @@ class Scheduler:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.policy = policy
+        self.max_batch = max_batch
         self.batch_cap = max_batch
+        self._lowerings = 0
+        self._regrow_after = REGROW_AFTER_STEPS
+        self._good_steps = 0
 
     def halve_batch_cap(self) -> bool:
         """After running out of device memory: False when the cap is already 1."""
         if self.batch_cap == 1:
             return False
-        self.batch_cap //= 2
+        self.lower_batch_cap(self.batch_cap // 2)
         return True
+
+    def lower_batch_cap(self, cap: int) -> None:
+        """At most `cap` lanes per step from now on, until good steps regrow it. Each lowering
+        doubles the good steps the next regrowth waits for, so a batch size that keeps failing
+        is retried ever more rarely."""
+        self._regrow_after = REGROW_AFTER_STEPS << self._lowerings
+        self._lowerings += 1
+        self.batch_cap = max(1, min(cap, self.batch_cap))
+        self._good_steps = 0
+
+    def step_succeeded(self) -> None:
+        """Below max_batch, the cap doubles after each run of good steps (up to max_batch): an
+        out-of-memory is often passing (another process on the GPU, fragmentation), and a cap
+        that never grew back would cost throughput for the life of the server."""
+        if self.batch_cap == self.max_batch:
+            return
+        self._good_steps += 1
+        if self._good_steps >= self._regrow_after:
+            self.batch_cap = min(self.max_batch, self.batch_cap * 2)
+            self._good_steps = 0
 
     def schedule(self, waiting: Iterable[int], running: int) -> SchedulePlan:
         admit = self._admit(waiting, running)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from server.contract import Done, GeneratedImage, GenerationSpec, ValidSpec
+from server.contract.sources import source_from_json, source_to_json
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 UNFINISHED = ("queued", "running")
@@ -43,7 +44,9 @@ class JobRecord:
 
     def request(self) -> GenerationSpec:
         """The request to validate again on a re-run (against the model served then)."""
-        return GenerationSpec(**{**self.spec, "preview_kinds": tuple(self.spec["preview_kinds"])})
+        source = self.spec.get("source")
+        return GenerationSpec(**{**self.spec, "preview_kinds": tuple(self.spec["preview_kinds"]),
+                                 "source": source and source_from_json(source)})
 
     def done(self) -> Done | None:
         return None if self.result is None else done_from_json(self.result)
@@ -52,7 +55,8 @@ class JobRecord:
 def spec_fields(spec: ValidSpec) -> dict[str, Any]:
     return {"n": spec.n, "steps": spec.steps, "sampler": spec.sampler, "eta": spec.eta, "seed": spec.seed,
             "preview_every": spec.preview_every, "preview_kinds": list(spec.preview_kinds),
-            "timeout_s": spec.timeout_s, "owner": spec.owner}
+            "timeout_s": spec.timeout_s, "owner": spec.owner,
+            "source": spec.source and source_to_json(spec.source)}
 
 
 def done_from_json(text: str) -> Done:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from torch.distributions import Normal, kl_divergence
+from torch.overrides import TorchFunctionMode
 
 import model
 from model.diffusion import discretized_gaussian_log_likelihood, extract, normal_kl
@@ -127,6 +128,47 @@ def test_extract_gathers_per_sample_rows_in_the_dtype_of_the_data(paper):
     values = extract(paper.schedule.betas, torch.tensor([0, 999]), torch.zeros(2, 3, 4, 4))
     assert values.shape == (2, 1, 1, 1) and values.dtype == torch.float32
     assert values.flatten().tolist() == pytest.approx([1e-4, 0.02])
+
+
+class Float64Conversions(TorchFunctionMode):
+    """Counts Tensor.to calls on float64 tensors: a schedule table copied (or cast) per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to and args[0].dtype == torch.float64:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_diffusion_copies_its_float64_tables_once_per_device_and_dtype():
+    diffusion = model.GaussianDiffusion(model.DiffusionConfig(num_timesteps=10))
+    x0, t = torch.randn(2, 1, 4, 4), torch.tensor([3, 7])
+
+    def use_every_table():
+        x_t = diffusion.q_sample(x0, t, torch.randn_like(x0))
+        diffusion.q_posterior(diffusion.predict_x0(x_t, t, x0), x_t, t)
+        diffusion.prior_bpd(x0)
+
+    with Float64Conversions() as first_use:
+        use_every_table()
+    with Float64Conversions() as later_use:
+        use_every_table()
+    assert first_use.count > 0 and later_use.count == 0
+
+
+@pytest.mark.gpu
+def test_the_diffusion_math_never_makes_the_host_wait_for_the_gpu_once_warm():
+    diffusion = model.GaussianDiffusion(model.DiffusionConfig(num_timesteps=10))
+    x0, t = torch.randn(2, 1, 4, 4, device="cuda"), torch.tensor([3, 7], device="cuda")
+    diffusion.q_sample(x0, t, x0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        diffusion.q_sample(x0, t, x0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # -- likelihood pieces -------------------------------------------------------------------------

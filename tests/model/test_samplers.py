@@ -6,56 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from sampling_trajectories import SHAPE, TARGET, FakeDenoiser, diffusers_trajectory, run_plan, step_noises, x_T_for
 
 import model
-from model.samplers import denoise_step, image_seed, make_plan, spaced_timesteps
+from model.samplers import Slot, denoise_step, image_seed, make_plan, spaced_timesteps
+from model.samplers.base import Coef, next_column
 
-SHAPE = (3, 3, 8, 8)  # [B, C, H, W]: small, so T=1000 steps stay cheap
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' name
 VARIANCES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
-TARGET = torch.linspace(-1.0, 1.0, 8).repeat(3, 8, 1)  # [C, H, W]: a ramp touching both clip bounds
-
-
-class FakeDenoiser:
-    """A cheap stand-in for the U-Net: the eps a model of the one image TARGET would predict,
-    plus an error term that sends x0_hat out of [-1, 1], so clipping changes the trajectory."""
-
-    def __init__(self, config: model.DiffusionConfig):
-        self.alphas_cumprod = model.GaussianDiffusion(config).schedule.alphas_cumprod.float()
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t).reshape(-1, 1, 1, 1)
-        abar = self.alphas_cumprod[t]
-        exact = (x - abar.sqrt() * TARGET) / (1.0 - abar).sqrt()
-        return exact + 0.3 * torch.tanh(x) * torch.cos(t / 300.0)
-
-
-def step_noises(count: int, seed: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(SHAPE, generator=generator) for _ in range(count)]
+SIGMA = next_column(Slot.NOISE)  # the noise scale's column in a plan
 
 
 def our_trajectory(config: model.DiffusionConfig, sampler: str, steps: int, eta: float, x_T, noises):
     """x after every step, [steps, B, C, H, W]."""
     plan = make_plan(model.GaussianDiffusion(config), sampler, steps, eta)
-    eps_model, batch = FakeDenoiser(config), x_T.shape[0]
-    x, clip, trajectory = x_T, torch.full((batch,), plan.clip_x0), []
-    for t, coefs, noise in zip(plan.timesteps, plan.coefs, noises):
-        x, _ = denoise_step(x, eps_model(x, t.expand(batch)), coefs.expand(batch, -1), clip, noise)
-        trajectory.append(x)
-    return torch.stack(trajectory)
-
-
-def diffusers_trajectory(config: model.DiffusionConfig, scheduler, x_T, step):
-    eps_model, x, trajectory = FakeDenoiser(config), x_T, []
-    for t in scheduler.timesteps:
-        x = step(eps_model(x, t), t, x).prev_sample
-        trajectory.append(x)
-    return torch.stack(trajectory)
-
-
-def x_T_for(seed: int = 0) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+    return run_plan(plan, FakeDenoiser(config), x_T, noises)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +46,7 @@ def test_ddpm_matches_diffusers_ddpm_scheduler(steps, variance, clip, schedule):
     x_T, noises = x_T_for(), step_noises(steps, seed=7)
     generator = torch.Generator().manual_seed(7)
     expected = diffusers_trajectory(
-        config, scheduler, x_T, lambda eps, t, x: scheduler.step(eps, t, x, generator=generator)
+        FakeDenoiser(config), scheduler, x_T, lambda eps, t, x: scheduler.step(eps, t, x, generator=generator)
     )
     got = our_trajectory(config, "ddpm", steps, 0.0, x_T, noises)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -105,7 +70,7 @@ def test_ddim_matches_diffusers_ddim_scheduler(steps, eta):
     noise_at = {int(t): z for t, z in zip(scheduler.timesteps, noises)}
     config = model.DiffusionConfig()
     expected = diffusers_trajectory(
-        config, scheduler, x_T,
+        FakeDenoiser(config), scheduler, x_T,
         lambda eps, t, x: scheduler.step(eps, t, x, eta=eta, variance_noise=noise_at[int(t)]),
     )
     got = our_trajectory(config, "ddim", steps, eta, x_T, noises)
@@ -123,44 +88,50 @@ def test_ddim_with_eta_one_is_ancestral_sampling_with_the_posterior_variance():
     """Song et al. 2021: eta = 1 makes DDIM the DDPM sampler with sigma^2 = beta_tilde."""
     diffusion = model.GaussianDiffusion(model.DiffusionConfig(variance_type="fixedsmall", clip_x0=False))
     ddim, ddpm = make_plan(diffusion, "ddim", 20, eta=1.0), make_plan(diffusion, "ddpm", 20)
-    torch.testing.assert_close(ddim.coefs[:, 5], ddpm.coefs[:, 5], atol=1e-9, rtol=1e-9)  # sigma
+    torch.testing.assert_close(ddim.coefs[:, SIGMA], ddpm.coefs[:, SIGMA], atol=1e-9, rtol=1e-9)
     generator = torch.Generator().manual_seed(0)
     x, eps, z = (torch.randn(20, 1, 4, 4, generator=generator, dtype=torch.float64) for _ in range(3))
-    no_clip = torch.zeros(20, dtype=torch.bool)
-    ddim_x, _ = denoise_step(x, eps, ddim.coefs, no_clip, z)
-    ddpm_x, _ = denoise_step(x, eps, ddpm.coefs, no_clip, z)
+    slots = {Slot.X_T: x, Slot.EPS: eps, Slot.NOISE: z}
+    ddim_x = denoise_step(ddim.coefs, slots).x_next
+    ddpm_x = denoise_step(ddpm.coefs, slots).x_next
     torch.testing.assert_close(ddim_x, ddpm_x, atol=1e-9, rtol=1e-9)
 
 
 def test_ancestral_sampling_adds_no_noise_on_the_last_step():
     for variance in ("fixedlarge", "fixedsmall"):
         plan = make_plan(model.GaussianDiffusion(model.DiffusionConfig(variance_type=variance)), "ddpm", 1000)
-        assert plan.timesteps[-1] == 0 and plan.coefs[-1, 5] == 0
-        assert (plan.coefs[:-1, 5] > 0).all()
+        assert plan.timesteps[-1] == 0 and plan.coefs[-1, SIGMA] == 0
+        assert (plan.coefs[:-1, SIGMA] > 0).all()
 
 
-def test_lanes_from_different_plans_and_steps_batch_like_they_run_alone():
-    diffusion = model.GaussianDiffusion(model.DiffusionConfig())
-    plans = [make_plan(diffusion, "ddpm", 1000), make_plan(diffusion, "ddpm", 50),
-             make_plan(diffusion, "ddim", 20, eta=0.0), make_plan(diffusion, "ddim", 10, eta=0.7)]
-    positions = [3, 49, 0, 9]  # early, last (sigma 0), first, last
-    clips = torch.tensor([True, False, True, True])
-    coefs = torch.stack([plan.coefs[i] for plan, i in zip(plans, positions)])
-    generator = torch.Generator().manual_seed(0)
-    x, eps, noise = (3 * torch.randn(4, 1, 6, 6, generator=generator) for _ in range(3))
-
-    batched_x, batched_x0 = denoise_step(x, eps, coefs, clips, noise)
-    for lane in range(4):
-        alone_x, alone_x0 = denoise_step(
-            x[lane : lane + 1], eps[lane : lane + 1], coefs[lane : lane + 1], clips[lane : lane + 1],
-            noise[lane : lane + 1],
-        )
-        torch.testing.assert_close(batched_x[lane : lane + 1], alone_x, atol=1e-6, rtol=0)
-        torch.testing.assert_close(batched_x0[lane : lane + 1], alone_x0, atol=1e-6, rtol=0)
-    assert batched_x0[0].abs().max() <= 1.0 and batched_x0[1].abs().max() > 1.0  # clip is per lane
+def original_step(x_t, eps, coefs, clip, noise):
+    """The four-term step DDPM and DDIM used before the multistep samplers came, kept to prove
+    that their images have not changed by a bit (the shipped sample grid depends on them)."""
+    c = coefs.to(x_t.dtype)[:, :, None, None, None]
+    x0 = c[:, 0] * x_t - c[:, 1] * eps
+    bound = torch.where(clip, 1.0, float("inf")).to(x_t.dtype)[:, None, None, None]
+    x0 = torch.maximum(torch.minimum(x0, bound), -bound)
+    return c[:, 2] * x0 + c[:, 3] * x_t + c[:, 4] * eps + c[:, 5] * noise, x0
 
 
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.5)])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.6)])
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddpm_and_ddim_steps_are_bit_identical_to_the_original_formula(sampler, eta, clip):
+    plan = make_plan(model.GaussianDiffusion(model.DiffusionConfig(clip_x0=clip)), sampler, 50, eta)
+    original_columns = [Coef.X0_FROM_XT, Coef.X0_FROM_EPS, next_column(Slot.X0), next_column(Slot.X_T),
+                        next_column(Slot.EPS), SIGMA]
+    generator = torch.Generator().manual_seed(1)
+    x, eps, z = (3 * torch.randn(50, 1, 6, 6, generator=generator) for _ in range(3))
+    slots = {Slot.X_T: x, Slot.EPS: eps}
+    if plan.noisy:
+        slots[Slot.NOISE] = z
+    step = denoise_step(plan.coefs, slots)
+    expected_x, expected_x0 = original_step(x, eps, plan.coefs[:, original_columns], torch.full((50,), clip), z)
+    assert torch.equal(step.x_next, expected_x) and torch.equal(step.x0, expected_x0)
+
+
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.5), ("dpmpp_2m", 8, 0.0),
+                                                ("dpmpp_2m_sde", 8, 0.0), ("unipc", 8, 0.0)])
 def test_an_image_is_the_same_alone_or_in_a_batch(tiny_ddpm, sampler, steps, eta):
     alone = tiny_ddpm.sample(1, steps=steps, sampler=sampler, eta=eta, seed=123)
     batch = tiny_ddpm.sample(4, steps=steps, sampler=sampler, eta=eta, seed=123)

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import model
 from model.checkpoint import read_checkpoint
-from model.train import Trainer, init_distributed, main, parse_args, unwrap
+from model.train import Trainer, TrainingError, init_distributed, main, parse_args, pick_device, process_device, unwrap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -95,7 +95,7 @@ def ddp_worker(rank: int, world: int, port: int, argv: list[str], out: Path) -> 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    init_distributed()
+    init_distributed(process_device("cpu"))
     try:
         trainer = Trainer(parse_args(argv))
         trainer.run()
@@ -118,6 +118,52 @@ def test_ddp_two_gloo_processes_agree(tmp_path, synthetic_mnist):
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0), "the weights did not move"
     for key in rank0:
         assert torch.equal(saved[f"model.{key}"], rank0[key]), key
+
+
+@pytest.mark.parametrize("name, local_rank, gpus, expected", [
+    ("auto", 0, 0, "cpu"),
+    ("auto", 1, 2, "cuda:1"),
+    ("cuda", 0, 1, "cuda:0"),
+    ("cuda", 1, 2, "cuda:1"),  # was cuda (no index) for every rank: all on GPU 0, and NCCL refused
+    ("cuda:2", 1, 4, "cuda:3"),
+    ("cpu", 1, 2, "cpu"),
+])
+def test_each_process_takes_its_own_gpu(name, local_rank, gpus, expected):
+    assert pick_device(name, local_rank, gpus) == torch.device(expected)
+
+
+@pytest.mark.parametrize("name, message", [("cuda:1", "needs GPU 2, but 2 are visible"), ("gpu", "unknown --device")])
+def test_a_device_this_process_cannot_have_is_a_clear_error(name, message):
+    with pytest.raises(TrainingError, match=message):
+        pick_device(name, local_rank=1, gpus=2)
+
+
+def test_the_process_group_uses_gloo_for_the_cpu_even_beside_a_gpu(monkeypatch):
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: backends.append(backend))
+    init_distributed(torch.device("cpu"))
+    init_distributed(torch.device("cuda", 0))
+    assert backends == ["gloo", "nccl"]
+
+
+@pytest.fixture
+def restore_determinism():
+    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    yield
+    torch.use_deterministic_algorithms(flags[0])
+    torch.backends.cudnn.deterministic = flags[1]
+
+
+def test_deterministic_trains_with_deterministic_kernels(tmp_path, synthetic_mnist, restore_determinism):
+    extra = ("--deterministic", "--dropout", "0.1", "--batch-size", "4", "--save-every", "0")
+    main(train_argv(tmp_path / "a", synthetic_mnist, 2, *extra))
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    main(train_argv(tmp_path / "b", synthetic_mnist, 2, *extra))
+    first, _, _ = read_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
+    second, _, _ = read_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def run_cli(*argv: str) -> subprocess.Popen:

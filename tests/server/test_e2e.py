@@ -21,7 +21,11 @@ from server.settings import Settings
 def client(tiny_weights):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared 2-core CI box: one thread is far faster than two contending
-    app = create_app(Settings(weights=tiny_weights, max_batch=8, max_images_per_request=4, jobs_db="memory://"))
+    # The device and dtype of the reference (tiny_ddpm: CPU, float32), not "auto": on a CUDA host
+    # auto serves on the GPU, whose images differ from the CPU's in the last bits.
+    settings = Settings(weights=tiny_weights, device="cpu", dtype="float32", max_batch=8, max_images_per_request=4,
+                        jobs_db="memory://")
+    app = create_app(settings)
     with TestClient(app) as client:
         yield client
     torch.set_num_threads(threads)
@@ -33,7 +37,7 @@ def decode(b64_png: str) -> np.ndarray:
 
 def expected_images(ddpm, n: int, steps: int, sampler: str, seed: int) -> np.ndarray:
     """What DDPM.sample gives for the same request, as the uint8 grayscale the server encodes."""
-    return to_uint8(ddpm.sample(n, steps=steps, sampler=sampler, seed=seed)).squeeze(1).numpy()
+    return to_uint8(ddpm.sample(n, steps=steps, sampler=sampler, seed=seed)).squeeze(1).cpu().numpy()
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

@@ -82,16 +82,20 @@ class FakeHandle:
         return True
 
 
+IMAGE_SHAPE = (1, 8, 8)  # what input images are converted to
+
+
 class FakeEngine:
     def __init__(self, observer: EngineObserver, num_timesteps: int = 50, step_s: float = 0.0, max_queue: int = 64,
                  max_images_per_request: int = 16, paused: bool = False):
         self.num_timesteps, self.step_s, self.max_queue = num_timesteps, step_s, max_queue
-        self.limits = RequestLimits(num_timesteps, max_images_per_request)
+        self.limits = RequestLimits(num_timesteps, max_images_per_request, IMAGE_SHAPE)
         self.observer = observer
         self.gate = asyncio.Event()
         if not paused:  # paused: requests stay queued from the start (until gate.set())
             self.gate.set()
         self.handles: dict[str, FakeHandle] = {}
+        self.submitted: list[ValidSpec] = []  # every accepted spec, in order
         self.tasks: set[asyncio.Task] = set()
         self.started = self.closing = False
         self.ids = itertools.count()
@@ -123,6 +127,7 @@ class FakeEngine:
             raise QueueFull(retry_after_s=2.5)
         handle = FakeHandle(id=f"req-{next(self.ids)}", seed=spec.seed, spec=spec, on_start=on_start)
         self.handles[handle.id] = handle
+        self.submitted.append(spec)
         self.observer.on_submit(spec.n)
         task = asyncio.get_running_loop().create_task(self.run(handle))
         self.tasks.add(task)
@@ -183,6 +188,6 @@ class FakeEngine:
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(config={}, num_parameters=1, image_shape=(1, 2, 2), num_timesteps=self.num_timesteps,
-                         dataset="fake", info={}, device="none", threads=1, samplers=["ddim", "ddpm"], policy="continuous",
+                         dataset="fake", info={}, device="none", dtype="float32", threads=1, samplers=["ddim", "ddpm"], policy="continuous",
                          limits=self.limits, max_batch=8, max_queue=self.max_queue, max_preview_fps=10.0,
                          default_timeout_s=60.0)

@@ -38,7 +38,9 @@ def run_server(weights: Path, log_dir: Path, *flags: str, env: dict[str, str] | 
     """Start ddpm-serve, wait for /readyz, yield it; SIGTERM it on the way out."""
     port = free_port()
     log = log_dir / f"ddpm-serve-{port}.log"
-    command = [sys.executable, "-m", "server.cli", "--weights", str(weights), "--port", str(port),
+    # --device cpu: the tests compare with references computed on the CPU, and "auto" would serve
+    # on a GPU where there is one (a flag in `flags` comes later and wins).
+    command = [sys.executable, "-m", "server.cli", "--weights", str(weights), "--port", str(port), "--device", "cpu",
                "--log-level", "warning", "--state-dir", str(log_dir / f"state-{port}"), *flags]
     # One torch thread: on a small shared CPU, two threads spinning against each other are 10x slower.
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}

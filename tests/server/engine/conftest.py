@@ -34,6 +34,10 @@ class ControlledUNet(torch.nn.Module):
         self.fault: Callable[[int], Exception | None] | None = None
         self.batch_sizes: list[int] = []
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         assert self.gate.wait(timeout=60), "test gate never opened"
         if self.delay_s:
@@ -91,7 +95,7 @@ def assert_images_match(done: Done, reference: torch.Tensor) -> None:
     assert [image.index for image in done.images] == list(range(reference.shape[0]))
     for image, expected in zip(done.images, reference):
         got = decode_png(image.png).astype(int)
-        want = to_uint8(expected)[0].numpy().astype(int)
+        want = to_uint8(expected)[0].cpu().numpy().astype(int)
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 1, f"image {image.index} differs from the reference"
 

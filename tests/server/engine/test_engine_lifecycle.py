@@ -26,6 +26,7 @@ from server.contract import (
 )
 from server.engine import Engine
 from server.engine.engine import MAX_RETRY_AFTER_S, retry_after_s
+from server.engine.faults import OutOfMemoryError
 
 from .conftest import assert_images_match, run, running_engine, submit, wait_until
 
@@ -120,11 +121,11 @@ def test_a_full_queue_rejects_at_once_with_a_retry_hint(controlled_ddpm):
 
 def test_a_failing_step_fails_only_its_batch_and_the_engine_goes_on(controlled_ddpm, tiny_ddpm):
     unet = controlled_ddpm.unet
-    failures = iter([RuntimeError("boom")])
-    unet.fault = lambda batch_size: next(failures, None)
 
     async def body():
         async with running_engine(controlled_ddpm, EngineConfig(max_batch=1)) as engine:
+            failures = iter([RuntimeError("boom")])  # after start: its warm-up call would take it
+            unet.fault = lambda batch_size: next(failures, None)
             unet.gate.clear()
             in_batch = submit(engine, QUICK)
             waiting = submit(engine, GenerationSpec(n=1, steps=3, sampler="ddim", seed=1))
@@ -140,7 +141,7 @@ def test_a_failing_step_fails_only_its_batch_and_the_engine_goes_on(controlled_d
 
 def test_out_of_memory_halves_the_batch_and_retries_before_failing_anyone(controlled_ddpm, tiny_ddpm):
     unet = controlled_ddpm.unet
-    unet.fault = lambda batch_size: torch.OutOfMemoryError("fake OOM") if batch_size > 2 else None
+    unet.fault = lambda batch_size: OutOfMemoryError("fake OOM") if batch_size > 2 else None
     spec = GenerationSpec(n=5, steps=4, seed=3)
 
     async def body():
@@ -154,7 +155,7 @@ def test_out_of_memory_halves_the_batch_and_retries_before_failing_anyone(contro
 
 
 def test_out_of_memory_at_batch_size_one_fails_with_its_own_code(controlled_ddpm):
-    controlled_ddpm.unet.fault = lambda batch_size: torch.OutOfMemoryError("fake OOM")
+    controlled_ddpm.unet.fault = lambda batch_size: OutOfMemoryError("fake OOM")
 
     async def body():
         async with running_engine(controlled_ddpm, EngineConfig(max_batch=2)) as engine:
@@ -282,7 +283,7 @@ def test_model_info_is_json_and_describes_the_model(tiny_ddpm):
     info = Engine(tiny_ddpm, EngineConfig(max_batch=8, max_images_per_request=4)).model_info()
     json.loads(info.model_dump_json())
     assert info.image_shape == (1, 28, 28) and info.num_timesteps == 50
-    assert info.samplers == ["ddim", "ddpm"] and info.max_batch == 8
+    assert info.samplers == ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "unipc"] and info.max_batch == 8
     assert info.limits == RequestLimits(num_timesteps=50, max_images_per_request=4)
     assert info.num_parameters == tiny_ddpm.num_parameters()
 

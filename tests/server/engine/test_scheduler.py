@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.engine.scheduler import Scheduler, SchedulePlan, fill_fifo
+from server.engine.scheduler import REGROW_AFTER_STEPS, Scheduler, SchedulePlan, fill_fifo
 
 
 def test_continuous_fills_free_slots_fifo_and_splits_only_the_last_request():
@@ -50,6 +50,32 @@ def test_halving_stops_at_one():
     while scheduler.halve_batch_cap():
         halvings += 1
     assert (halvings, scheduler.batch_cap) == (2, 1)
+
+
+def test_a_halved_cap_grows_back_after_good_steps_and_waits_longer_each_time_it_fails_again():
+    scheduler = Scheduler("continuous", max_batch=8)
+
+    def good_steps_until_it_grows() -> int:
+        cap, steps = scheduler.batch_cap, 0
+        while scheduler.batch_cap == cap:
+            scheduler.step_succeeded()
+            steps += 1
+        return steps
+
+    scheduler.halve_batch_cap()
+    assert good_steps_until_it_grows() == REGROW_AFTER_STEPS and scheduler.batch_cap == 8
+    scheduler.halve_batch_cap()  # the regrown batch failed again
+    assert good_steps_until_it_grows() == 2 * REGROW_AFTER_STEPS and scheduler.batch_cap == 8
+
+
+def test_the_cap_never_grows_past_max_batch():
+    scheduler = Scheduler("static", max_batch=5)
+    scheduler.lower_batch_cap(3)
+    for _ in range(10 * REGROW_AFTER_STEPS):
+        scheduler.step_succeeded()
+    assert scheduler.batch_cap == 5
+    scheduler.lower_batch_cap(0)  # nothing fitted: one lane at a time is still tried
+    assert scheduler.batch_cap == 1
 
 
 def test_fill_fifo_reads_no_further_than_it_needs():
