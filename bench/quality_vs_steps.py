@@ -7,8 +7,10 @@ calls per image and images/s at batch 32.
     python -m bench.quality_vs_steps --out runs/quality.jsonl --table     # no runs: the table of the file
 
 Every row scores n samples (the same seeds, so the same starting noise, in every row) with the
-classifier of model.quality; the reference row scores n real test images. images/s are those of
-the scored sampling itself at --batch-size: on a shared CPU they measure the neighbours too.
+classifier of model.quality; the reference row is the mean over disjoint random sets of n real
+test images, and its frechet_std the spread over those sets: the noise of every row's Frechet figure.
+images/s are those of the scored sampling itself at --batch-size (after one warm-up call): on a
+shared CPU they measure the neighbours too.
 With --out, rows are appended to a JSON-lines file so a grid can run in parts (the reference
 once per n), and the table printed covers every row in the file.
 """
@@ -33,7 +35,8 @@ from model.quality import Scorer, load_or_train_scorer  # noqa: E402
 from model.samplers import SAMPLERS  # noqa: E402
 
 REFERENCE = "real test images"
-COLUMNS = ("sampler", "steps", "dtype", "unet_calls", "images_per_s", "confident_share", "classes", "frechet")
+COLUMNS = ("sampler", "steps", "dtype", "unet_calls", "images_per_s", "confident_share", "classes", "frechet",
+           "frechet_std")
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,12 +58,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def score_row(scorer: Scorer, images, **fields) -> dict:
-    score = scorer.score(images)
-    return {**fields, "n": score["n"], "confident_share": score["confident_share"], "classes": score["classes"],
-            "frechet": score["frechet"], "class_counts": score["class_counts"]}
-
-
 def count_calls(module) -> list[int]:
     """A one-element counter of `module`'s forward calls, kept up to date by a hook."""
     counter = [0]
@@ -75,9 +72,9 @@ def sampled_row(ddpm: model.DDPM, scorer: Scorer, calls: list[int], sampler: str
     images = sample_images(ddpm, args.num, args.batch_size, sampler, steps, args.eta, args.seed, progress=False)
     seconds = time.perf_counter() - started
     calls_per_image = calls[0] // math.ceil(args.num / args.batch_size)  # each call runs a whole batch
-    return score_row(scorer, images, sampler=sampler, steps=steps, dtype=dtype_name(ddpm.dtype),
-                     unet_calls=calls_per_image, images_per_s=args.num / seconds, batch_size=args.batch_size,
-                     seed=args.seed, weights=args.weights)
+    return {"sampler": sampler, "steps": steps, "dtype": dtype_name(ddpm.dtype), "unet_calls": calls_per_image,
+            "images_per_s": args.num / seconds, **scorer.score(images), "batch_size": args.batch_size,
+            "seed": args.seed, "weights": args.weights}
 
 
 def read_rows(path: Path | None) -> list[dict]:
@@ -96,13 +93,17 @@ def record(row: dict, rows: list[dict], out: Path | None) -> None:
             file.write(json.dumps(row) + "\n")
 
 
+def table_cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(COLUMNS) + " | n |")
     print("|" + "---|" * (len(COLUMNS) + 1))
     for row in rows:
-        cells = [row.get(c, "") for c in COLUMNS]
-        formatted = [f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells]
-        print("| " + " | ".join(formatted) + f" | {row['n']} |")
+        print("| " + " | ".join(table_cell(row.get(c)) for c in COLUMNS) + f" | {row['n']} |")
 
 
 def main() -> None:
@@ -118,7 +119,7 @@ def main() -> None:
     print(f"classifier: test accuracy {scorer.info['test_accuracy']:.2%}; {args.threads or 'all'} torch threads")
     rows = []
     if not any(row["sampler"] == REFERENCE and row["n"] == args.num for row in earlier):
-        record(score_row(scorer, load_mnist(data_path, "test", args.num), sampler=REFERENCE), rows, out)
+        record({"sampler": REFERENCE, **scorer.mean_score(load_mnist(data_path, "test"), args.num)}, rows, out)
     for dtype in args.dtypes:
         ddpm = model.load(args.weights, args.device, dtype=dtype)
         ddpm.sample(args.batch_size, steps=1)  # warm-up, not timed: the first calls pack weights and allocate

@@ -207,21 +207,23 @@ def run_score(args: argparse.Namespace, ddpm: DDPM) -> dict:
     data_path = dataset_path("mnist", resolve_data_path(args, "mnist"))
     scorer = load_or_train_scorer(data_path, args.cache_dir, device=ddpm.device,  # first: fail before any slow sampling
                                   on_training=announce_training)
-    real = load_dataset("mnist", "test", str(data_path), 28, 1, args.num)
-    if len(real) < args.num:
-        raise EvalError(f"-n {args.num} is more than the {len(real)} test images of {data_path} (the reference)")
+    test_images = load_dataset("mnist", "test", str(data_path), 28, 1)
+    if len(test_images) < args.num:
+        raise EvalError(f"-n {args.num} is more than the {len(test_images)} test images of {data_path} (the reference)")
     started = time.perf_counter()
     samples = sample_images(ddpm, args.num, args.batch_size, args.sampler, steps, args.eta, args.seed, args.progress)
     seconds = time.perf_counter() - started
-    scores = {"samples": scorer.score(samples), "real": scorer.score(real)}
+    scores = {"samples": scorer.score(samples), "real": scorer.mean_score(test_images, args.num)}
+    real = scores["real"]
     print(f"score of {args.num} samples ({args.sampler}, {steps} steps, {dtype_name(ddpm.dtype)}, seed {args.seed}; "
-          f"{seconds:.1f} s) against {args.num} real test images, by the MNIST classifier "
-          f"(test accuracy {scorer.info['test_accuracy']:.2%})")
+          f"{seconds:.1f} s), by the MNIST classifier (test accuracy {scorer.info['test_accuracy']:.2%})")
     print(f"  {'':10} {f'confident >= {CONFIDENCE}':>16} {'classes':>8} {'Frechet':>9}")
     for name, score in scores.items():
-        print(f"  {name:10} {score['confident_share']:16.3f} {score['classes']:8d} {score['frechet']:9.3f}")
+        print(f"  {name:10} {score['confident_share']:16.3f} {score['classes']:8.1f} {score['frechet']:9.3f}")
+    spread = "" if real["frechet_std"] is None else f" (Frechet spread {real['frechet_std']:.3f}: one set's noise)"
+    print(f"  real: the mean over {real['sets']} disjoint random sets of {args.num} test images{spread}")
     for name, score in scores.items():
-        print(f"  confident per class 0..9, {name}: {' '.join(map(str, score['class_counts']))}")
+        print(f"  confident per class 0..9, {name}: {' '.join(f'{round(c, 1):g}' for c in score['class_counts'])}")
     return {**scores, "sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
             "batch_size": args.batch_size, "sampling_seconds": seconds, "classifier": scorer.info}
 

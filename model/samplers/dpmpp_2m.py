@@ -11,10 +11,10 @@ with D_i = x0_hat_i (first order: DPM-Solver++1, the DDIM step) on the first ste
 history, and on the last, which lands on sigma = 0 (diffusers' lower-order final step), and
 elsewhere D_i = (1 + 1/(2 r_i)) x0_hat_i - 1/(2 r_i) x0_hat_{i-1}, r_i = h_{i-1} / h_i.
 
-x0_hat is clipped to [-1, 1] when the model's config clips, as for DDPM and DDIM: this is the
-thresholding of the data prediction that DPM-Solver++ builds on, in its static form (diffusers
-offers the dynamic one only); the multistep history holds the clipped predictions. Where no
-prediction leaves [-1, 1] the two agree (tests/model/test_samplers_multistep.py).
+x0_hat is clipped to [-1, 1] when the model's config clips, as for DDPM and DDIM: thresholding
+the data prediction, which DPM-Solver++ names as a reason to solve in data prediction, in its
+static form (diffusers offers only the dynamic one). The history holds the clipped predictions.
+Where no prediction leaves [-1, 1] the two agree (tests/model/test_samplers_multistep.py).
 """
 
 from __future__ import annotations

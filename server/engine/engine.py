@@ -62,6 +62,7 @@ from .publisher import Publisher
 from .request import Lane, Request
 from .runner import Runner
 from .scheduler import Scheduler
+from .sources import lane_starts
 from .timing import StepTimer
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ class Engine:
         plan = self._runner.plan(spec.sampler, spec.steps, spec.eta)
         timeout_s = self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s
         channel = EventChannel(self._loop)
-        request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel, on_start)
+        starts = lane_starts(spec.source, spec.n, self._runner.num_timesteps)
+        request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel, on_start, starts)
         with self._lock:
             if self._fault is not None:
                 rejection = "failed"
@@ -342,7 +344,8 @@ class Engine:
             for count in plan.admit:
                 request = self._waiting[0]
                 try:  # a lane's x_T is allocated on the device: that can run out of memory too
-                    lanes = request.admit_lanes(count, self._runner.image_shape, self._runner.device)
+                    lanes = request.admit_lanes(count, self._runner.ddpm.diffusion, self._runner.image_shape,
+                                                self._runner.device)
                 except Exception as exc:
                     failure = (request, exc)
                     break

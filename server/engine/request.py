@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from model.diffusion import GaussianDiffusion
 from model.samplers import NoiseStream, SamplingPlan, Slot, image_seed, stack_to
 
 from server.contract import RequestState, ValidSpec
 from server.contract.channel import EventChannel
+
+from .sources import KnownRegion, LaneStart, encode, start_cursor
 
 
 log = logging.getLogger(__name__)
@@ -47,15 +50,20 @@ class LanePlan:
 class Lane:
     """One image of a request on its way from x_T to x_0."""
 
-    __slots__ = ("request", "index", "plan", "cursor", "x", "noise", "carried", "next_carried")
+    __slots__ = ("request", "index", "plan", "start", "cursor", "x", "noise", "carried", "next_carried", "known")
 
-    def __init__(self, request: "Request", index: int, noise: NoiseStream, x_T: torch.Tensor):
+    def __init__(self, request: "Request", index: int, noise: NoiseStream, x_start: torch.Tensor, start: int = 0,
+                 known: KnownRegion | None = None):
         self.request = request
         self.index = index
         self.plan = request.plan
-        self.cursor = 0  # steps done
-        self.noise = noise  # x_T was its first draw, step i's z is draw i + 1, exactly as DDPM.sample
-        self.x = x_T
+        self.start = start  # the plan step it starts at: 0, or later for a lane from an image
+        self.cursor = start  # steps done
+        # x_T (or an image's encoding noise) was its first draw, the z of its k-th step draw k,
+        # exactly as DDPM.sample
+        self.noise = noise
+        self.x = x_start
+        self.known = known  # inpainting: the pixels to keep
         self.carried: dict[Slot, torch.Tensor] = {}  # a multistep sampler's history
         self.next_carried = self.carried  # set by the runner's step, made current by advance
 
@@ -74,7 +82,17 @@ class Lane:
     def step_noise(self) -> torch.Tensor | None:
         """z for the current step on the CPU (None if the sampler adds none), the same tensor
         however often it is asked for: a retried step (after an OOM) reuses it."""
-        return self.noise[self.cursor + 1] if self.plan.noisy else None
+        return self.noise[self.steps_run + 1] if self.plan.noisy else None
+
+    @property
+    def steps_run(self) -> int:
+        return self.cursor - self.start
+
+    @property
+    def next_t(self) -> int | None:
+        """The timestep this step reaches (None: the last step, to x_0)."""
+        following = self.cursor + 1
+        return self.plan.timesteps[following] if following < len(self.plan) else None
 
     def advance(self, x_next: torch.Tensor) -> None:
         """Commits the step the runner computed: the sample, the history, the position."""
@@ -88,12 +106,14 @@ class Request:
     except the fields `status` reads under the engine's lock and the cancel flag."""
 
     def __init__(self, request_id: str, spec: ValidSpec, plan: LanePlan, timeout_s: float, channel: EventChannel,
-                 on_start: Callable[[], None] | None = None):
+                 on_start: Callable[[], None] | None = None, starts: list[LaneStart] | None = None):
         self.id = request_id
         self.on_start = on_start
         self.spec = spec
         self.seed = spec.seed
         self.plan = plan
+        self.starts = starts or [LaneStart()] * spec.n
+        self.one_noise = spec.source is not None and spec.source.one_noise
         self.channel = channel
         self.submitted_at = time.monotonic()
         self.deadline = self.submitted_at + timeout_s
@@ -122,11 +142,17 @@ class Request:
     def done(self) -> bool:
         return len(self.finals) == self.spec.n
 
-    def admit_lanes(self, count: int, shape: tuple[int, ...], device: torch.device) -> list[Lane]:
+    def admit_lanes(self, count: int, diffusion: GaussianDiffusion, shape: tuple[int, ...],
+                    device: torch.device) -> list[Lane]:
         first = len(self.lanes)
-        streams = [NoiseStream(self.seed, index, shape, self.plan.draws) for index in range(first, first + count)]
-        x_T = stack_to([stream[0] for stream in streams], device).unbind(0)  # one copy for all
-        lanes = [Lane(self, first + i, stream, x) for i, (stream, x) in enumerate(zip(streams, x_T))]
+        indices = range(first, first + count)
+        cursors = [start_cursor(self.plan.timesteps, self.starts[index].t0) for index in indices]
+        streams = [NoiseStream(self.seed, 0 if self.one_noise else index, shape, self._draws(cursor))
+                   for index, cursor in zip(indices, cursors)]
+        x_start = stack_to([self._first_sample(index, stream[0], cursor, diffusion)
+                            for index, stream, cursor in zip(indices, streams, cursors)], device).unbind(0)
+        lanes = [Lane(self, index, stream, x, cursor, self._known_region(index, len(self.plan) - cursor))
+                 for index, stream, x, cursor in zip(indices, streams, x_start, cursors)]
         self.lanes.extend(lanes)
         self.lanes_waiting -= count
         return lanes
@@ -139,5 +165,20 @@ class Request:
             except Exception:
                 log.exception("the start hook of request %s failed", self.id)
 
+    def _draws(self, cursor: int) -> int:
+        """A lane's normal draws: its first sample, then a z per step it runs if its sampler adds noise."""
+        return 1 + (len(self.plan) - cursor if self.plan.noisy else 0)
+
+    def _first_sample(self, index: int, first_draw: torch.Tensor, cursor: int,
+                      diffusion: GaussianDiffusion) -> torch.Tensor:
+        """x_T, or for a lane starting later the image encoded at its first timestep."""
+        if cursor == 0:
+            return first_draw
+        return encode(diffusion, self.starts[index].image, self.plan.timesteps[cursor], first_draw)
+
+    def _known_region(self, index: int, steps: int) -> KnownRegion | None:
+        start = self.starts[index]
+        return None if start.keep is None else KnownRegion(start, self.image_seed(index), steps)
+
     def image_seed(self, index: int) -> int:
-        return image_seed(self.seed, index)
+        return self.seed if self.one_noise else image_seed(self.seed, index)

@@ -69,12 +69,25 @@ class Runner:
         if any(plan.noisy for plan in plans):
             slots[Slot.NOISE] = stack_to([self._noise_of(lane) for lane in lanes], device)
         out = denoise_step(coefs, slots, corrects=any(plan.corrects for plan in plans))
+        x_next = self._keep_known(out.x_next, lanes)
         x0 = out.x0.unbind(0)
         if any(plan.carries for plan in plans):
             corrected = out.corrected.unbind(0) if out.corrected is not None else [None] * len(lanes)
             for lane, lane_x0, lane_corrected in zip(lanes, x0, corrected):
                 lane.next_carried = next_carried(lane.carried, lane_x0, lane_corrected, lane.plan.carries)
-        return out.x_next.unbind(0), x0
+        return x_next.unbind(0), x0
+
+    def _keep_known(self, x_next: torch.Tensor, lanes: Sequence[Lane]) -> torch.Tensor:
+        """Inpainting lanes: their known pixels replaced by the input encoded to the step reached."""
+        rows = [i for i, lane in enumerate(lanes) if lane.known is not None]
+        if not rows:
+            return x_next
+        known = [lanes[i].known for i in rows]
+        targets = stack_to([region.noised(self.ddpm.diffusion, lanes[i].next_t, lanes[i].steps_run)
+                            for i, region in zip(rows, known)], self.device)
+        keep = stack_to([region.keep for region in known], self.device)
+        index = tensor_to(rows, torch.long, self.device)
+        return x_next.index_copy(0, index, torch.where(keep, targets, x_next[index]))
 
     def _gather_history(self, lanes: Sequence[Lane], plans: set[LanePlan]) -> dict[Slot, torch.Tensor]:
         carried = frozenset().union(*(plan.carries for plan in plans))

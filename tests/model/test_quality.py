@@ -131,6 +131,21 @@ def test_confident_share_bounds_and_class_counts():
     assert certain["class_counts"] == [0, 0, 0, 20, 0, 0, 0, 0, 0, 0] and certain["n"] == 20
 
 
+def test_the_reference_averages_each_figure_over_disjoint_random_sets_of_n():
+    images = as_images(bars(70, np.random.default_rng(5))[0])
+    scorer = scorer_with(torch.zeros(10), images)
+    shuffled = images[torch.randperm(70, generator=torch.Generator().manual_seed(7))]
+    sets = [scorer.score(shuffled[start : start + 20]) for start in (0, 20, 40)]  # 10 images are left out
+    mean = scorer.mean_score(images, 20, seed=7)
+    assert mean["n"] == 20 and mean["sets"] == 3 and mean["classes"] == 0.0
+    assert mean["frechet"] == pytest.approx(np.mean([s["frechet"] for s in sets]))
+    assert mean["frechet_std"] == pytest.approx(np.std([s["frechet"] for s in sets], ddof=1))
+    whole = scorer.mean_score(images, 70)
+    assert whole["sets"] == 1 and whole["frechet_std"] is None and whole["frechet"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="sets of 2 to 70 images"):
+        scorer.mean_score(images, 71)
+
+
 def run_score(*argv: str) -> dict:
     return evaluate(["score", "--device", "cpu", *argv])
 
@@ -145,9 +160,11 @@ def test_score_command_end_to_end(tmp_path, tiny_weights, labelled_bars, capsys)
     for name in ("samples", "real"):
         assert result[name]["n"] == 6 and 0.0 <= result[name]["confident_share"] <= 1.0
         assert sum(result[name]["class_counts"]) <= 6 and result[name]["frechet"] >= 0.0
+    assert result["real"]["sets"] == 10 and result["real"]["frechet_std"] > 0  # 64 test images: 10 sets of 6
     captured = capsys.readouterr()
     assert "training the score's MNIST classifier" in captured.err
-    assert f"score of 6 samples (ddim, 3 steps, {result['dtype']}, seed 1" in captured.out and "real" in captured.out
+    assert f"score of 6 samples (ddim, 3 steps, {result['dtype']}, seed 1" in captured.out
+    assert "real: the mean over 10 disjoint random sets of 6 test images (Frechet spread" in captured.out
 
     again = run_score(*argv)
     assert again["classifier"]["cached"] and again["samples"] == result["samples"]  # same seed, same images

@@ -25,7 +25,7 @@ from model.samplers.base import linspace_timesteps, next_column
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 MULTISTEP = ["dpmpp_2m", "dpmpp_2m_sde", "unipc"]
-STEP_COUNTS = [1, 2, 3, 5, 10, 14, 15, 25, 50]  # below 15, diffusers' lower_order_final matters
+STEP_COUNTS = [1, 2, 3, 5, 10, 14, 15, 25, 50]  # both sides of diffusers' lower_order_final rule (< 15 steps)
 
 
 def diffusers_scheduler(sampler: str):
@@ -93,10 +93,10 @@ def test_linspace_timesteps_are_the_default_spacing_of_diffusers_multistep_sched
 
 
 @pytest.mark.parametrize("sampler", MULTISTEP)
-def test_a_multistep_sample_of_every_step_count_is_finite(sampler):
+def test_plans_of_any_step_count_have_finite_coefficients(sampler):
     diffusion = model.GaussianDiffusion(model.DiffusionConfig())
     for steps in (1, 2, 999, 1000):
-        assert torch.isfinite(make_plan(diffusion, sampler, steps).coefs[:, 2:].nan_to_num(posinf=0)).all()
+        assert torch.isfinite(make_plan(diffusion, sampler, steps).coefs).all(), steps  # the config clips: bound 1
 
 
 @pytest.mark.parametrize("sampler", MULTISTEP)
