@@ -275,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Share of samples a digit classifier calls with confidence >= 0.9, the classes they cover, and the "
                     "Frechet distance in its features, each also for as many real test images. The classifier is "
                     "trained on the MNIST training set on first use (a few minutes on a CPU) and cached.")
-    score.add_argument("-n", "--num", type=int, default=256, help="samples, and real test images as the reference")
+    score.add_argument("-n", "--num", type=int, default=256, help="samples; the reference: sets of as many real test images")
     score.add_argument("--batch-size", type=int, default=32, help="sampling batch")
     score.add_argument("--cache-dir", default=None,
                        help=f"the classifier's cache (default: ${CACHE_ENV}, else ~/.cache/ddpm-serve)")

@@ -27,6 +27,7 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import connect
 
+from server.contract.sources import OPERATIONS
 from server.contract.spec import SAMPLER_NAMES
 
 URL_FORM = "http://host:port"
@@ -128,18 +129,21 @@ class DDPMClient:
         self.close()
 
     def generate(self, n: int = 1, steps: int | None = None, sampler: str = "ddpm", eta: float = 0.0,
-                 seed: int | None = None) -> list[GeneratedImage]:
-        """Wait for n images (POST /generate)."""
-        body = request_body(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed)
+                 seed: int | None = None, **image_to_image: Any) -> list[GeneratedImage]:
+        """Wait for n images (POST /generate). image_to_image: operation ("variation", "inpaint",
+        "interpolate", "reconstruct"), image, mask, image2 (bytes of image files), strength, lambdas,
+        t, timesteps, as the README's image-to-image table."""
+        body = request_body(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed, **image_fields(**image_to_image))
         return decode_images(self.call("POST", "/generate", json=body)["data"])
 
     def stream(self, n: int = 1, steps: int | None = None, sampler: str = "ddpm", eta: float = 0.0,
                seed: int | None = None, preview_every: int = 0,
-               preview_kinds: tuple[str, ...] = ("x_t", "x0")) -> Iterator[dict[str, Any]]:
+               preview_kinds: tuple[str, ...] = ("x_t", "x0"), **image_to_image: Any) -> Iterator[dict[str, Any]]:
         """Yield the WebSocket events (queued, started, progress, frame, done) as dicts; an `error`
         event raises DDPMError. Stopping the iteration closes the socket, which cancels the request."""
         body = request_body(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
-                            preview_every=preview_every, preview_kinds=list(preview_kinds))
+                            preview_every=preview_every, preview_kinds=list(preview_kinds),
+                            **image_fields(**image_to_image))
         ws_url = "ws" + self.url[len("http"):] + "/ws/generate"
         subprotocols = [SUBPROTOCOL] + ([key_subprotocol(self.api_key)] if self.api_key else [])
         try:
@@ -164,9 +168,10 @@ class DDPMClient:
                 raise DDPMError(0, "connection_closed", str(exc)) from exc
 
     def submit_job(self, n: int = 1, steps: int | None = None, sampler: str = "ddpm", eta: float = 0.0,
-                   seed: int | None = None) -> dict[str, Any]:
+                   seed: int | None = None, **image_to_image: Any) -> dict[str, Any]:
         """POST /jobs: {id, status, queue_position}."""
-        return self.call("POST", "/jobs", json=request_body(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed))
+        return self.call("POST", "/jobs", json=request_body(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
+                                                            **image_fields(**image_to_image)))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self.call("GET", f"/jobs/{job_id}")
@@ -208,6 +213,15 @@ def request_body(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
+def image_fields(operation: str | None = None, image: bytes | None = None, mask: bytes | None = None,
+                 image2: bytes | None = None, strength: float | None = None, lambdas: list[float] | None = None,
+                 t: int | None = None, timesteps: list[int] | None = None) -> dict[str, Any]:
+    """The image-to-image part of a request body: image files as base64."""
+    files = {name: base64.b64encode(data).decode("ascii") for name, data in
+             (("image", image), ("mask", mask), ("image2", image2)) if data is not None}
+    return request_body(operation=operation, strength=strength, lambdas=lambdas, t=t, timesteps=timesteps, **files)
+
+
 def decode_images(data: list[dict[str, Any]]) -> list[GeneratedImage]:
     return [GeneratedImage(item["index"], item["seed"], base64.b64decode(item["b64_json"])) for item in data]
 
@@ -223,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="ddpm (the paper's), ddim, dpmpp_2m (DPM-Solver++, 10-20 steps), dpmpp_2m_sde, unipc")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0..1 (ddim only)")
     parser.add_argument("--seed", type=int, help="request seed (default: random; printed)")
+    parser.add_argument("--operation", choices=OPERATIONS, help="start from --image (see the README)")
+    parser.add_argument("--image", type=Path, help="input image file (PNG, JPEG, WebP)")
+    parser.add_argument("--mask", type=Path, help="inpaint: PNG whose transparent pixels are regenerated")
+    parser.add_argument("--image2", type=Path, help="interpolate: the second image")
+    parser.add_argument("--strength", type=float, help="variation: 0 < s <= 1 (default 0.75)")
+    parser.add_argument("--lambdas", type=numbers(float), help="interpolate: e.g. 0,0.25,0.5,0.75,1")
+    parser.add_argument("--t", type=int, help="interpolate: the t to encode at (default 500)")
+    parser.add_argument("--timesteps", type=numbers(int), help="reconstruct: e.g. 250,500,750")
     parser.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -243,6 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def numbers(kind: type) -> Any:
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a comma-separated list of numbers, got {text!r}") from None
+    return parse
+
+
+def image_options(args: argparse.Namespace) -> dict[str, Any]:
+    files = {name: getattr(args, name).read_bytes() for name in ("image", "mask", "image2") if getattr(args, name)}
+    return {"operation": args.operation, "strength": args.strength, "lambdas": args.lambdas, "t": args.t,
+            "timesteps": args.timesteps, **files}
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -255,7 +292,7 @@ def generate_files(args: argparse.Namespace) -> int:
     with DDPMClient(args.url, args.api_key) as client:
         bar = None  # made at the first event, so a failed connection prints nothing but its error
         try:
-            for event in client.stream(args.n, args.steps, args.sampler, args.eta, args.seed):
+            for event in client.stream(args.n, args.steps, args.sampler, args.eta, args.seed, **image_options(args)):
                 if bar is None:
                     bar = tqdm(desc="denoising", unit="step", disable=args.quiet)
                 if event["type"] == "queued":

@@ -143,13 +143,14 @@ def test_an_image_is_the_same_alone_or_in_a_batch(tiny_ddpm, sampler, steps, eta
 
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m_sde", "unipc"])
 @pytest.mark.parametrize("seed", [0, 77, 2**63 - 1])
-def test_every_reported_seed_reproduces_its_image_alone(tiny_ddpm, seed):
-    batch = tiny_ddpm.sample(3, steps=5, sampler="ddpm", seed=seed)
+def test_every_reported_seed_reproduces_its_image_alone(tiny_ddpm, seed, sampler):
+    batch = tiny_ddpm.sample(3, steps=5, sampler=sampler, seed=seed)
     reported = [image_seed(seed, i) for i in range(3)]
     assert reported[0] == seed and len(set(reported)) == 3
     for i, image_seed_i in enumerate(reported):
-        alone = tiny_ddpm.sample(1, steps=5, sampler="ddpm", seed=image_seed_i)
+        alone = tiny_ddpm.sample(1, steps=5, sampler=sampler, seed=image_seed_i)
         torch.testing.assert_close(alone[0], batch[i], atol=1e-4, rtol=0, msg=f"image {i}")
 
 

@@ -245,3 +245,56 @@ def test_the_preview_kind_switches_at_once_while_running(page):
     assert json.loads(page.evaluate("window.sockets.at(-1).sent[0]"))["preview_kinds"] == ["x_t", "x0"]
     page.select_option("#preview-kind", "x_t")
     page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+
+
+def digit_png(tmp_path, name: str, transpose: bool = False):
+    from PIL import Image
+
+    pixels = bytearray(28 * 28)
+    for y in range(6, 22):
+        for x in range(11, 17):
+            pixels[(x * 28 + y) if transpose else (y * 28 + x)] = 240
+    path = tmp_path / name
+    Image.frombytes("L", (28, 28), bytes(pixels)).save(path)
+    return path
+
+
+def test_inpaint_mode_paints_a_mask_and_keeps_the_rest_of_the_image(page, tmp_path):
+    page.select_option("#mode", "inpaint")
+    page.set_input_files("#file-image", str(digit_png(tmp_path, "digit.png")))
+    page.wait_for_function("document.querySelector('#canvas-image').width === 28")
+    canvas = page.locator("#canvas-image").bounding_box()
+    page.mouse.move(canvas["x"] + 20, canvas["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(canvas["x"] + 60, canvas["y"] + 40)
+    page.mouse.up()
+    page.fill("#n", "1")
+    page.fill("#steps", "10")
+    page.fill("#preview-every", "2")
+    page.click("#generate")
+    page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+    sent = json.loads(page.evaluate("window.sockets.at(-1).sent[0]"))
+    assert sent["operation"] == "inpaint" and sent["image"] and sent["mask"]
+    done = json.loads(page.evaluate("window.sockets.at(-1).received.at(-1)"))
+    assert done["type"] == "done" and len(done["data"]) == 1
+
+
+def test_interpolate_mode_shows_a_strip(page, tmp_path):
+    page.select_option("#mode", "interpolate")
+    page.set_input_files("#file-image", str(digit_png(tmp_path, "a.png")))
+    page.set_input_files("#file-image2", str(digit_png(tmp_path, "b.png", transpose=True)))
+    page.wait_for_function("document.querySelector('#canvas-image2').width === 28")
+    page.fill("#n", "3")
+    page.fill("#steps", "10")
+    page.fill("#interp-t", "20")
+    page.click("#generate")
+    page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+    sent = json.loads(page.evaluate("window.sockets.at(-1).sent[0]"))
+    assert sent["lambdas"] == [0, 0.5, 1] and sent["t"] == 20
+    assert page.locator("#gallery .cell img").count() == 3
+
+
+def test_an_image_mode_without_an_image_says_so(page):
+    page.select_option("#mode", "variation")
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("image: choose an image file first")

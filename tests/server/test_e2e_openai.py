@@ -101,3 +101,18 @@ def test_interpolation_over_json(server):
         "steps": 10, "seed": 3})
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 3
+
+
+def test_the_python_client_and_ddpm_generate_take_image_operations(server, tmp_path):
+    from server.client import DDPMClient, main
+
+    with DDPMClient(server.url, KEY) as ddpm:
+        images = ddpm.generate(steps=10, seed=4, operation="reconstruct", image=png_file(digit()), timesteps=[5, 40])
+        assert [image.seed for image in images] == [4, 4]
+        job = ddpm.submit_job(steps=6, seed=1, operation="variation", image=png_file(digit()), strength=0.5)
+        assert len(ddpm.wait_job(job["id"])) == 1
+    source = tmp_path / "digit.png"
+    source.write_bytes(png_file(digit()))
+    status = main(["--url", server.url, "--api-key", KEY, "--steps", "6", "--seed", "2", "--quiet", "-o",
+                   str(tmp_path / "out"), "--operation", "variation", "--image", str(source), "--strength", "0.4"])
+    assert status == 0 and (tmp_path / "out" / "ddpm-2-0.png").is_file()
