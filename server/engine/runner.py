@@ -61,17 +61,20 @@ class Runner:
         retried: each lane keeps its history and reads the same noise again."""
         device = self.device
         plans = {lane.plan for lane in lanes}
+        carried = frozenset().union(*(plan.carries for plan in plans))
         x_t = torch.stack([lane.x for lane in lanes])
         t = tensor_to([lane.t for lane in lanes], torch.long, device)
         eps = self.ddpm.unet(x_t, t)  # on CUDA it runs while the host gathers the rest
         coefs = tensor_to([lane.coefs for lane in lanes], torch.float32, device)
-        slots = {Slot.X_T: x_t, Slot.EPS: eps, **self._gather_history(lanes, plans)}
+        slots = {Slot.X_T: x_t, Slot.EPS: eps}
+        if carried:
+            slots.update(self._gather_history(lanes, carried))
         if any(plan.noisy for plan in plans):
             slots[Slot.NOISE] = stack_to([self._noise_of(lane) for lane in lanes], device)
         out = denoise_step(coefs, slots, corrects=any(plan.corrects for plan in plans))
         x_next = self._keep_known(out.x_next, lanes)
         x0 = out.x0.unbind(0)
-        if any(plan.carries for plan in plans):
+        if carried:
             corrected = out.corrected.unbind(0) if out.corrected is not None else [None] * len(lanes)
             for lane, lane_x0, lane_corrected in zip(lanes, x0, corrected):
                 lane.next_carried = next_carried(lane.carried, lane_x0, lane_corrected, lane.plan.carries)
@@ -89,8 +92,8 @@ class Runner:
         index = tensor_to(rows, torch.long, self.device)
         return x_next.index_copy(0, index, torch.where(keep, targets, x_next[index]))
 
-    def _gather_history(self, lanes: Sequence[Lane], plans: set[LanePlan]) -> dict[Slot, torch.Tensor]:
-        carried = frozenset().union(*(plan.carries for plan in plans))
+    def _gather_history(self, lanes: Sequence[Lane], carried: frozenset[Slot]) -> dict[Slot, torch.Tensor]:
+        """Each carried slot some lane's plan keeps, stacked (zeros for lanes without it)."""
         return {slot: torch.stack([lane.carried.get(slot, self._no_history) for lane in lanes])
                 for slot in CARRIED if slot in carried}
 

@@ -284,7 +284,7 @@ def test_model_info_is_json_and_describes_the_model(tiny_ddpm):
     json.loads(info.model_dump_json())
     assert info.image_shape == (1, 28, 28) and info.num_timesteps == 50
     assert info.samplers == ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "unipc"] and info.max_batch == 8
-    assert info.limits == RequestLimits(num_timesteps=50, max_images_per_request=4)
+    assert info.limits == RequestLimits(num_timesteps=50, max_images_per_request=4, image_shape=(1, 28, 28))
     assert info.num_parameters == tiny_ddpm.num_parameters()
 
 

@@ -85,5 +85,5 @@ def admitted_lanes(runner: Runner, specs) -> list:
     for given in specs:
         spec = validate(given, limits)
         request = Request("r", spec, runner.plan(spec.sampler, spec.steps, spec.eta), 60.0, channel=None)
-        lanes += request.admit_lanes(spec.n, runner.image_shape, runner.device)
+        lanes += request.admit_lanes(spec.n, runner.ddpm.diffusion, runner.image_shape, runner.device)
     return lanes
