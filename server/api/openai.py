@@ -42,6 +42,8 @@ MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
 IGNORED_OPTIONS = ("quality", "style", "background", "moderation", "output_compression", "input_fidelity")
 ERRORS = {status: {"model": ErrorResponse} for status in (401, 413, 422, 429, 503)}
 UPLOAD_PATHS = ("/v1/images/variations", "/v1/images/edits")
+STREAMING = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                   "description": "OpenAI's images response, or its server-sent events with stream: true"}}
 MAX_UPLOAD_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + 64 * 1024  # an image, a mask and the form fields
 
 
@@ -74,17 +76,18 @@ class ImageOptions(BaseModel):
 
 class StreamOptions(BaseModel):
     stream: bool = False
-    partial_images: JsonInt = Field(0, json_schema_extra=bounds(0, MAX_PARTIAL_IMAGES))
+    partial_images: JsonInt = Field(0, ge=0, le=MAX_PARTIAL_IMAGES)
 
 
 class GenerationsRequest(ImageOptions, StreamOptions):
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON: types as the schema says (forms send text)
+
     prompt: str | None = Field(None, description="accepted and ignored: the model is unconditional")
 
 
 class VariationsForm(ImageOptions):
     image: UploadFile
-    strength: float = Field(DEFAULT_STRENGTH, json_schema_extra=bounds(0, 1),
-                            description="how far the image is noised: t0 = strength x T")
+    strength: float = Field(DEFAULT_STRENGTH, gt=0, le=1, description="how far the image is noised: t0 = strength x T")
 
 
 class EditsForm(ImageOptions, StreamOptions):
@@ -93,7 +96,7 @@ class EditsForm(ImageOptions, StreamOptions):
                                                       "Without it, the image's own transparent pixels")
 
 
-@router.post("/images/generations", responses=ERRORS)
+@router.post("/images/generations", responses={**ERRORS, **STREAMING})
 async def generations(body: GenerationsRequest, request: Request, state: State, owner: Owner) -> Response:
     """OpenAI's images.generate: n images from noise."""
     return await run(state, request, body, owner, None, "image_generation")
@@ -108,7 +111,7 @@ async def variations(form: Annotated[VariationsForm, Form()], request: Request, 
     return await run(state, request, form, owner, source, None)
 
 
-@router.post("/images/edits", responses=ERRORS)
+@router.post("/images/edits", responses={**ERRORS, **STREAMING})
 async def edits(form: Annotated[EditsForm, Form()], request: Request, state: State, owner: Owner) -> Response:
     """OpenAI's images.edit: inpainting, the transparent area regenerated."""
     shape = model_shape(state)

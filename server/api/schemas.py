@@ -8,7 +8,6 @@ are the contract's events: POST /generate answers with the `done` event itself.
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -63,10 +62,10 @@ class GenerateRequest(BaseModel):
     image: str | None = Field(None, description="base64 image file: variation, inpaint, interpolate, reconstruct")
     mask: str | None = Field(None, description="inpaint: base64 PNG of the image's size; alpha 0 = regenerate")
     image2: str | None = Field(None, description="interpolate: the second image (base64)")
-    strength: float = Field(DEFAULT_STRENGTH, json_schema_extra=bounds(0, 1),
+    strength: float = Field(DEFAULT_STRENGTH, gt=0, le=1,
                             description="variation: how far to noise the image, t0 = strength x T (0 < strength <= 1)")
     lambdas: list[float] | None = Field(None, description="interpolate: one image per lambda in [0, 1]")
-    t: JsonInt = Field(DEFAULT_INTERPOLATION_T, json_schema_extra=bounds(1),
+    t: JsonInt = Field(DEFAULT_INTERPOLATION_T, ge=1,
                        description="interpolate: the paper's t to encode both images at (1..T)")
     timesteps: list[JsonInt] | None = Field(None, description="reconstruct: one image per t in 1..T")
 
@@ -108,7 +107,7 @@ def required(body: BaseModel, name: str) -> bytes:
         raise ApiError(422, "invalid_request", f"{name}: required for operation {body.operation}")
     try:
         return base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or characters outside ASCII
         raise ApiError(422, "invalid_request", f"{name}: not valid base64 ({exc})") from exc
 
 

@@ -159,7 +159,7 @@ def test_the_log_names_the_model_and_keeps_urls_without_queries(tiny_weights, tm
     with run_server(tiny_weights, tmp_path, "--log-level", "info") as server:
         assert httpx.get(server.url + "/readyz?token=secret-in-the-url").status_code == 200
         output = server.output()
-    assert "serving " in output and "T=50" in output and "on cpu with 1 torch threads" in output
+    assert "serving " in output and "T=50" in output and "on cpu in float32 with 1 torch threads" in output
     assert '"GET /readyz HTTP/1.1" 200' in output and "secret-in-the-url" not in output
 
 

@@ -145,3 +145,18 @@ def test_oversized_files_and_decompression_bombs_are_refused(client):
 def test_missing_image_part_is_422(client):
     response = client.post("/v1/images/variations", data={"n": "1"})
     assert response.status_code == 422 and "image" in response.json()["error"]["message"]
+
+
+def test_an_image_field_that_is_not_base64_is_422(client):
+    # Regression: text outside ASCII made base64 decoding raise ValueError, answered as a 500.
+    for text in ("\u00b4\u0015", "not base64!"):
+        response = client.post("/generate", json={"operation": "variation", "image": text})
+        assert response.status_code == 422 and "image: not valid base64" in response.json()["error"]["message"]
+
+
+def test_out_of_range_stream_and_image_options_are_422(client):
+    # Regression: partial_images=-1 divided by zero (a 500); strength=2 was accepted when unused.
+    response = client.post("/v1/images/generations", json={"stream": True, "partial_images": -1})
+    assert response.status_code == 422 and "partial_images" in response.json()["error"]["message"]
+    response = client.post("/jobs", json={"strength": 2.0})
+    assert response.status_code == 422 and "strength" in response.json()["error"]["message"]
