@@ -11,6 +11,9 @@
 # in build/gpu-check-wheels (ignored by git; carry that folder) are installed into a temporary
 # folder first. Other arguments go to bench/gpu_check.py (--stages, --json FILE, --quick).
 # Exit status 1 when a check fails.
+#
+# Where pytest is installed too, `DDPM_TEST_DEVICE=cuda .venv/bin/python -m pytest tests/model
+# tests/server/engine` runs those two suites on the GPU (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,7 +1,9 @@
-"""Fixtures any layer's tests can share: a tiny DDPM with random weights, in memory and on disk."""
+"""Fixtures any layer's tests can share: a tiny DDPM with random weights, in memory and on disk;
+the device the model and engine suites run on (DDPM_TEST_DEVICE)."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,60 @@ def randomize_weights_(module: torch.nn.Module, std: float = 0.05, seed: int = 0
             centre = 1.0 if param.dim() == 1 and name.endswith("weight") else 0.0
             param.copy_(centre + noise)
     return module
+
+
+TEST_DEVICE_VARIABLE = "DDPM_TEST_DEVICE"
+TEST_DEVICE = pytest.StashKey[torch.device]()
+
+
+def parse_test_device(value: str | None) -> torch.device:
+    """The device DDPM_TEST_DEVICE names: unset or empty means the CPU; else cpu, cuda or cuda:N,
+    which must exist on this machine (ValueError otherwise, saying why)."""
+    text = (value or "").strip()
+    if not text:
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{TEST_DEVICE_VARIABLE}={value!r} is not a device the tests run on: use cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{TEST_DEVICE_VARIABLE}={value} asks for CUDA, but this torch ({torch.__version__}) "
+                         f"sees no CUDA device here; unset it to run the tests on the CPU")
+    index, count = device.index or 0, torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"{TEST_DEVICE_VARIABLE}={value} needs GPU {index}, but {count} are visible")
+    return torch.device("cuda", index)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A device asked for but absent ends the session at once, before any test: never a silent skip."""
+    try:
+        config.stash[TEST_DEVICE] = parse_test_device(os.environ.get(TEST_DEVICE_VARIABLE))
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+@pytest.fixture(scope="session")
+def test_device(pytestconfig) -> torch.device:
+    """Where the model and engine suites put the models whose device matters: DDPM_TEST_DEVICE,
+    default the CPU. On CUDA, TF32 is off for the session, as the engine serves
+    (serve_in_full_fp32): the suite's references are float32."""
+    device = pytestconfig.stash[TEST_DEVICE]
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
+
+
+def on_device(ddpm: model.DDPM, device: torch.device) -> model.DDPM:
+    """`ddpm` itself if it is on `device`, else a copy there (weights, config and info)."""
+    if ddpm.device == device:
+        return ddpm
+    return model.DDPM(copy.deepcopy(ddpm.unet).to(device), ddpm.config, ddpm.info)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

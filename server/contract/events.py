@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
 
 from .spec import FrameKind, RequestLimits
 
@@ -28,15 +28,32 @@ class EventModel(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class Queued(EventModel):
+class NamesReplica(EventModel):
+    """An event that may name the replica running the request (`replica`): set by the Ray
+    backend (server/ray), absent from the JSON otherwise."""
+
+    @model_serializer(mode="wrap")
+    def _without_unknown_replica(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if getattr(self, "replica", None) is None:
+            data.pop("replica", None)
+        return data
+
+
+REPLICA_DESCRIPTION = "the Ray Serve replica that took the request (Ray backend only; absent otherwise)"
+
+
+class Queued(NamesReplica):
     type: Literal["queued"] = "queued"
     id: str
     position: int = Field(description="0 = next to be admitted")
+    replica: str | None = Field(default=None, description=REPLICA_DESCRIPTION)
 
 
-class Started(EventModel):
+class Started(NamesReplica):
     type: Literal["started"] = "started"
     id: str
+    replica: str | None = Field(default=None, description=REPLICA_DESCRIPTION)
 
 
 class Progress(EventModel):
@@ -82,9 +99,17 @@ class Requeued(EventModel):
 
 
 class Failed(EventModel):
+    """The request ended without images. Beyond the obvious codes: device_error, the device failed
+    for good (the server must be restarted); replica_lost, the Ray replicas running it kept dying;
+    interrupted and invalid_request, a durable job the server's stops interrupted too often, or
+    one the model served now refuses. With id null (a WebSocket request never accepted), the code
+    is the API error's, as an HTTP body would carry it."""
+
     type: Literal["error"] = "error"
     id: str | None = Field(description="null when the request was never accepted")
-    code: str = Field(description="cancelled, timeout, shutdown, out_of_memory, internal, ...")
+    code: str = Field(description="accepted requests: cancelled, timeout, shutdown, out_of_memory, device_error, "
+                                  "internal, replica_lost, interrupted, invalid_request; never accepted (id null): "
+                                  "invalid_request, queue_full, too_many_requests, shutdown, unavailable")
     message: str
 
 

@@ -1,13 +1,16 @@
 """The ingress deployment: our FastAPI app (server.app.create_app) over a RemoteEngine.
 
 What it adds to the app, and only on Ray: GET /replicas; the headers X-DDPM-Replica (the
-replica that made a response's images) and X-DDPM-Ingress (the ingress copy that answered);
-and, in /metrics, the engine metrics of every replica labelled `replica`, in place of the
-ingress's own (it runs no engine).
+replica that took a response's request: made its images, or, for POST /jobs, accepted the job)
+and X-DDPM-Ingress (the ingress copy that answered); and, in /metrics, the engine metrics of
+every replica labelled `replica`, in place of the ingress's own (it runs no engine). WebSocket
+clients have no response headers: their `queued` and `started` events name the replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -21,8 +24,12 @@ from server.contract import EngineObserver
 from server.metrics import Metrics, PrometheusObserver
 from server.settings import Settings
 
-from .remote import RemoteEngine, served_by
+from .remote import RemoteEngine, Served, served_by
 from .replica import ENGINE_METRICS
+
+# POST /jobs answers once the job is stored, before Ray has routed it: its response waits this
+# long at most for a replica to accept the job (tens of milliseconds unless every replica is full).
+PLACEMENT_WAIT_S = 1.0
 
 replicas_router = APIRouter(tags=["system"], dependencies=[Depends(authenticate)])
 
@@ -52,8 +59,9 @@ class ReplicaMetrics(Collector):
 
 
 class ReplicaHeaders:
-    """ASGI middleware: X-DDPM-Ingress on every response, X-DDPM-Replica on those whose images a
-    replica made (the request's task fills in the box it inherits; see remote.served_by)."""
+    """ASGI middleware: X-DDPM-Ingress on every response, X-DDPM-Replica on those whose request a
+    replica took (the request's run names it in the Served it inherits; see remote.served_by).
+    A response ready before its run was placed (POST /jobs) waits up to PLACEMENT_WAIT_S for it."""
 
     def __init__(self, app: Any, ingress: str):
         self.app, self.ingress = app, ingress
@@ -61,14 +69,17 @@ class ReplicaHeaders:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        box: dict[str, str] = {}
-        served_by.set(box)
+        served = Served()
+        served_by.set(served)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
+                if served.submitted and not served.settled.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(served.settled.wait(), PLACEMENT_WAIT_S)
                 headers = [*message.get("headers", []), (b"x-ddpm-ingress", self.ingress.encode())]
-                if "replica" in box:
-                    headers.append((b"x-ddpm-replica", box["replica"].encode()))
+                if served.replica is not None:
+                    headers.append((b"x-ddpm-replica", served.replica.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

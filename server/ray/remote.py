@@ -8,6 +8,8 @@ cannot tell the difference.
 A replica that dies mid-request loses nothing: the request is sent again (Ray routes it to a
 live replica) from the same validated spec, so the same seed gives the same images; clients
 see a `requeued` event. Runs that had started count towards `max_attempts`, like a job's runs.
+Each run's `queued` and `started` events name the replica that took it (`replica`), and an HTTP
+request's run names it in the request's `Served` (its X-DDPM-Replica header).
 
 Torch-free: the ingress never loads the model.
 """
@@ -50,9 +52,24 @@ BOARD_POLL_S = 0.5  # how fresh the ingress's view of the replicas' load is
 REFUSED_RETRY_S = 0.5  # a replica refused (full or draining): ask again, Ray may route elsewhere
 MAX_RETRY_AFTER_S = 120.0
 
-# Set by the ingress middleware for each HTTP request: the replica that served it goes in a
-# response header. The request's task inherits the context, so it can fill the box in.
-served_by: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("served_by", default=None)
+
+class Served:
+    """Which replica took an HTTP request's run, for its X-DDPM-Replica header. The ingress
+    middleware puts one in each request's context (`served_by`); `submit` ties it to the run it
+    starts, which names its replica here on each placement (so, after a re-run, the replica that
+    made the images). `settled` is set once a replica is known or the run has ended."""
+
+    def __init__(self) -> None:
+        self.replica: str | None = None
+        self.submitted = False
+        self.settled = asyncio.Event()
+
+    def place(self, replica: str) -> None:
+        self.replica = replica
+        self.settled.set()
+
+
+served_by: contextvars.ContextVar[Served | None] = contextvars.ContextVar("served_by", default=None)
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,7 @@ class RemoteRun:
     spec: ValidSpec
     channel: EventChannel
     on_start: Callable[[], None] | None
+    served: Served | None = None  # the HTTP request's, if one submitted the run
     submitted: float = field(default_factory=time.monotonic)
     latest: Queued | Started | Progress | None = None
     runs_started: int = 0
@@ -151,7 +169,9 @@ class RemoteEngine:
         if waiting + spec.n > capacity:
             self.observer.on_reject("queue_full")
             raise QueueFull(self.retry_after_s(waiting + spec.n - capacity, spec.steps))
-        run = RemoteRun(uuid.uuid4().hex, spec, EventChannel(asyncio.get_running_loop()), on_start)
+        run = RemoteRun(uuid.uuid4().hex, spec, EventChannel(asyncio.get_running_loop()), on_start, served_by.get())
+        if run.served is not None:
+            run.served.submitted = True
         self.runs[run.id] = run
         run.task = asyncio.create_task(self.follow(run), name=f"remote-{run.id}")
         return ChannelHandle(run.id, spec.seed, spec, run.channel, self.cancel)
@@ -190,7 +210,6 @@ class RemoteEngine:
     # ---- one request ----
 
     async def follow(self, run: RemoteRun) -> None:
-        box = served_by.get()
         try:
             while True:
                 try:
@@ -209,14 +228,14 @@ class RemoteEngine:
                     outcome = Failed(id=run.id, code="timeout", message="no replica could take the request in time")
                     break
                 await asyncio.sleep(REFUSED_RETRY_S)
-            if box is not None and run.replica:
-                box["replica"] = run.replica
             run.channel.put(outcome)
         except asyncio.CancelledError:
             message = "the server shut down" if run.end_code == "shutdown" else "cancelled by the client"
             run.channel.put(Failed(id=run.id, code=run.end_code, message=message))
         finally:
             self.runs.pop(run.id, None)
+            if run.served is not None:
+                run.served.settled.set()
 
     async def run_once(self, run: RemoteRun) -> Done | Failed | None:
         """One streaming call: the outcome, None if the replica refused, ReplicaLost if it died."""
@@ -228,8 +247,13 @@ class RemoteEngine:
                     return None
                 if isinstance(item, Placement):
                     run.replica = item.replica
+                    if run.served is not None:
+                        run.served.place(item.replica)
                     continue
-                event = item.model_copy(update={"id": run.id})  # clients know the ingress's id, not the run's
+                update = {"id": run.id}  # clients know the ingress's id, not the run's
+                if isinstance(item, (Queued, Started)):
+                    update["replica"] = run.replica  # WebSocket clients learn where their request runs
+                event = item.model_copy(update=update)
                 if isinstance(event, Started):
                     started_here = True
                     run.runs_started += 1

@@ -44,17 +44,18 @@ def probe_input(ddpm: model.DDPM) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- round trips -------------------------------------------------------------------------------
-def test_save_then_load_is_exact(tiny_ddpm, tiny_weights):
-    loaded = model.load(tiny_weights)
+def test_save_then_load_is_exact(tiny_ddpm, tiny_weights, test_device):
+    loaded = model.load(tiny_weights, device=test_device)
     assert loaded.config == tiny_ddpm.config
     assert loaded.info == tiny_ddpm.info == {"source": "tests"}
     saved, restored = tiny_ddpm.unet.state_dict(), loaded.unet.state_dict()
     assert saved.keys() == restored.keys()
-    assert all(torch.equal(saved[k], restored[k]) for k in saved)
-    assert not loaded.unet.training
+    assert all(torch.equal(saved[k], restored[k].cpu()) for k in saved)
+    assert not loaded.unet.training and loaded.device == test_device
     x, t = probe_input(tiny_ddpm)
     with torch.no_grad():  # load prepares the U-Net for inference (layout, tables): float-close
-        torch.testing.assert_close(loaded.unet(x, t), tiny_ddpm.unet(x, t), atol=1e-5, rtol=0)
+        eps = loaded.unet(x.to(test_device), t.to(test_device)).cpu()
+        torch.testing.assert_close(eps, tiny_ddpm.unet(x, t), atol=1e-5, rtol=0)
 
 
 def test_the_file_is_self_describing(tiny_weights):

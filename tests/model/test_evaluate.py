@@ -108,6 +108,7 @@ def reference_bits_per_dim(ddpm: model.DDPM, images: torch.Tensor, seed: int) ->
 
 @torch.no_grad()
 def test_bits_per_dim_matches_a_slow_reference_loop(tiny_ddpm):
+    # On the CPU: negative_log_likelihood draws the noise on the model's device, the reference on the CPU.
     images = (torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 256).to(torch.uint8)
     images[0, :, :4] = 0  # hit the open-ended edge bins of the decoder
     images[1, :, :4] = 255

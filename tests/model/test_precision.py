@@ -148,6 +148,8 @@ def test_the_timestep_sinusoid_is_computed_in_float32(tiny_path):
 # dtypes measured exact too on an AVX2 CPU (the plain path, 2 samplers, 6 images). Not yet
 # measured with oneDNN's bf16 kernels (CPUs with AVX512), which may block a conv differently
 # for another batch size: hence a tolerance of a few bf16 roundings of eps, in [-1, 1] pixels.
+# CPU measurements, so this stays on the CPU whatever DDPM_TEST_DEVICE says (the engine's bf16
+# test, tests/server/engine/test_engine_precision.py, runs on the test device).
 BATCH_INVARIANCE_TOLERANCE = {torch.float32: 0.0, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 

@@ -19,6 +19,7 @@ from model.data import to_uint8
 from server.contract import Done, EngineConfig, GenerationSpec, validate
 from server.engine import Engine
 from server.contract.channel import ChannelHandle
+from tests.conftest import on_device
 
 
 class ControlledUNet(torch.nn.Module):
@@ -57,9 +58,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def tiny_ddpm(tiny_ddpm, test_device) -> model.DDPM:
+    """The engine suite's tiny_ddpm is the shared one on the test device (DDPM_TEST_DEVICE): the
+    engines and the reference images they are compared with run there."""
+    return on_device(tiny_ddpm, test_device)
+
+
 @pytest.fixture
 def controlled_ddpm(tiny_ddpm) -> model.DDPM:
-    """tiny_ddpm's weights behind a ControlledUNet (at .unet); tiny_ddpm stays the reference."""
+    """tiny_ddpm's weights behind a ControlledUNet (at .unet); tiny_ddpm stays the reference.
+    A fault that only a step should meet is set once the engine has started: on CUDA the
+    warm-up calls the U-Net at every power-of-two batch size (on a CPU once, at batch 1)."""
     return model.DDPM(ControlledUNet(tiny_ddpm.unet), tiny_ddpm.config, tiny_ddpm.info)
 
 

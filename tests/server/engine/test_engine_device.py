@@ -98,18 +98,18 @@ def test_a_halved_batch_cap_grows_back_after_good_steps(controlled_ddpm, tiny_dd
     monkeypatch.setattr("server.engine.scheduler.REGROW_AFTER_STEPS", 2)
     unet = controlled_ddpm.unet
     failures = iter([OutOfMemoryError("fake OOM")])
-    unet.fault = lambda batch_size: next(failures, None) if batch_size > 2 else None
 
     async def body():
         async with running_engine(controlled_ddpm, EngineConfig(max_batch=4)) as engine:
+            unet.batch_sizes.clear()  # the warm-up's calls
+            unet.fault = lambda batch_size: next(failures, None) if batch_size > 2 else None
             done = await submit(engine, GenerationSpec(n=4, steps=6, sampler="ddim", seed=2)).result()
             return done, engine.stats()["batch_cap"]
 
     done, batch_cap = run(body())
     assert_images_match(done, tiny_ddpm.sample(4, steps=6, sampler="ddim", seed=2))
-    # After the warm-up call: the oldest 2 lanes run alone for 2 steps, then all 4 together,
-    # then the 2 that started late finish.
-    assert unet.batch_sizes[1:] == [2, 2, 4, 4, 4, 4, 2, 2] and batch_cap == 4
+    # The oldest 2 lanes run alone for 2 steps, then all 4 together, then the 2 that started late finish.
+    assert unet.batch_sizes == [2, 2, 4, 4, 4, 4, 2, 2] and batch_cap == 4
 
 
 def test_a_sticky_device_error_fails_everything_and_turns_the_engine_unhealthy(controlled_ddpm):
@@ -151,7 +151,7 @@ def test_start_returns_after_the_warm_up_call(controlled_ddpm):
         async with running_engine(controlled_ddpm) as engine:
             return list(controlled_ddpm.unet.batch_sizes), engine.ready
 
-    assert run(body()) == ([1], True)
+    assert run(body()) == (warm_up_batch_sizes(controlled_ddpm.device, EngineConfig().max_batch), True)
 
 
 def test_out_of_memory_in_warm_up_caps_the_batch_at_the_largest_that_fitted(controlled_ddpm, monkeypatch):

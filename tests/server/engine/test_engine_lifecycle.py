@@ -141,11 +141,11 @@ def test_a_failing_step_fails_only_its_batch_and_the_engine_goes_on(controlled_d
 
 def test_out_of_memory_halves_the_batch_and_retries_before_failing_anyone(controlled_ddpm, tiny_ddpm):
     unet = controlled_ddpm.unet
-    unet.fault = lambda batch_size: OutOfMemoryError("fake OOM") if batch_size > 2 else None
     spec = GenerationSpec(n=5, steps=4, seed=3)
 
     async def body():
         async with running_engine(controlled_ddpm, EngineConfig(max_batch=8)) as engine:
+            unet.fault = lambda batch_size: OutOfMemoryError("fake OOM") if batch_size > 2 else None
             done = await submit(engine, spec).result()
             return done, engine.stats()["batch_cap"]
 

@@ -11,8 +11,8 @@ from .conftest import assert_images_match, run, running_engine, submit
 
 
 @pytest.fixture(scope="module")
-def bf16_ddpm(tiny_weights) -> model.DDPM:
-    return model.load(tiny_weights, dtype="bfloat16")
+def bf16_ddpm(tiny_weights, test_device) -> model.DDPM:
+    return model.load(tiny_weights, device=test_device, dtype="bfloat16")
 
 
 def test_model_info_reports_the_dtype(bf16_ddpm, tiny_ddpm):

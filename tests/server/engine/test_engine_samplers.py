@@ -50,10 +50,10 @@ def test_a_step_retried_after_running_out_of_memory_computes_the_same_images(con
     each stochastic lane still reads its own noise for each of its steps."""
     specs = [MIXED["sde"], MIXED["ddpm"], MIXED["unipc"]]
     failures = iter([OutOfMemoryError("fake OOM"), None, None, OutOfMemoryError("fake OOM")])
-    controlled_ddpm.unet.fault = lambda batch_size: next(failures, None) if batch_size > 1 else None
 
     async def body():
         async with running_engine(controlled_ddpm, EngineConfig(max_batch=8)) as engine:
+            controlled_ddpm.unet.fault = lambda batch_size: next(failures, None) if batch_size > 1 else None
             handles = [submit(engine, spec) for spec in specs]
             return [await handle.result() for handle in handles]
 

@@ -57,13 +57,6 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def settings(tiny_weights, tmp_path_factory):
-    store = tmp_path_factory.mktemp("ray-jobs") / "jobs.db"
-    return Settings(weights=tiny_weights, device="cpu", dtype="float32", torch_threads=1, max_batch=2,
-                    max_queue=32, max_images_per_request=4, jobs_db=f"sqlite:///{store}")
-
-
 def deploy(settings: Settings, scaling: Scaling) -> None:
     serve.run(application(settings, scaling), name=APP_NAME, route_prefix="/")
 
@@ -103,12 +96,22 @@ def stream(url: str, **request) -> list[dict]:
 
 
 def run_job(url: str, **request) -> dict:
-    created = httpx.post(f"{url}/jobs", json=request, timeout=30).json()
-    return wait_for(lambda: finished(httpx.get(f"{url}/jobs/{created['id']}", timeout=10).json()), 120, "the job")
+    """The finished job, as GET /jobs/{id} reads it, plus `accepted_by`: the X-DDPM-Replica header
+    of its POST /jobs response (None if no replica had accepted it by then)."""
+    created = httpx.post(f"{url}/jobs", json=request, timeout=30)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    job = wait_for(lambda: finished(httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()), 120, "the job")
+    return {**job, "accepted_by": created.headers.get("x-ddpm-replica")}
 
 
 def finished(job: dict) -> dict | None:
     return job if job["status"] not in ("queued", "running") else None
+
+
+def replicas_named(events: list[dict]) -> list[str]:
+    """The replicas a WebSocket's `queued` and `started` events name, in order."""
+    return [event["replica"] for event in events if event["type"] in ("queued", "started")]
 
 
 def test_rest_websocket_and_job_clients_all_finish_with_the_models_images_on_both_replicas(url, tiny_ddpm):
@@ -128,6 +131,10 @@ def test_rest_websocket_and_job_clients_all_finish_with_the_models_images_on_bot
         assert_images_are_the_models(tiny_ddpm, job.result()["result"], 20, "ddpm")
     served = wait_for(lambda: all(r["served"] for r in replicas(url)) and replicas(url), 10, "both replicas served")
     assert sum(replica["served"] for replica in served) == 10
+    ids = {replica["id"] for replica in served}
+    assert {future.result().headers["x-ddpm-replica"] for future in rest} <= ids
+    assert len(set(replicas_named(events))) == 1 and set(replicas_named(events)) <= ids  # WebSocket: queued, started
+    assert job.result()["accepted_by"] in ids  # POST /jobs names the replica that accepted the job
     metrics = httpx.get(f"{url}/metrics").text
     for replica in served:
         assert f'ddpm_requests_finished_total{{outcome="succeeded",replica="{replica["id"]}"}}' in metrics
@@ -156,6 +163,10 @@ def test_a_replica_killed_mid_request_loses_nothing_and_is_replaced(url, tiny_dd
         events = websocket.result()
         assert "requeued" in [event["type"] for event in events]
         assert_images_are_the_models(tiny_ddpm, events[-1], 50, "ddpm")
+        # The stream's queued and started events named the victim, then, after `requeued`, another replica.
+        requeued = [event["type"] for event in events].index("requeued")
+        first, then = replicas_named(events[:requeued]), replicas_named(events[requeued:])
+        assert set(first) == {victim["id"]} and then and victim["id"] not in then
         for future in rest:
             assert_images_are_the_models(tiny_ddpm, future.result().json(), 50, "ddpm")
     after = wait_for(lambda: len(ids := {r["id"] for r in replicas(url)}) == 2 and ids != before and ids, 90,
