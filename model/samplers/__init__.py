@@ -8,6 +8,7 @@ from ..diffusion import GaussianDiffusion
 from . import ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, unipc
 from .base import (
     CARRIED,
+    REACHES_X0,
     SamplingPlan,
     Slot,
     StepOutput,
@@ -19,22 +20,31 @@ from .base import (
     spaced_timesteps,
 )
 from .noise import NoiseStream, stack_to, tensor_to
+from .repaint import renoise_coefs, resample, resampling_rows
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
-SAMPLERS = {"ddpm": ddpm.plan, "ddim": ddim.plan, "dpmpp_2m": dpmpp_2m.plan, "dpmpp_2m_sde": dpmpp_2m_sde.plan,
-            "unipc": unipc.plan}
+# Each module has `spacing(T, steps)`, the timesteps it visits, and `plan(diffusion, timesteps, eta)`.
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_2m_sde": dpmpp_2m_sde, "unipc": unipc}
 
 
-def make_plan(diffusion: GaussianDiffusion, sampler: str, steps: int, eta: float = 0.0) -> SamplingPlan:
+def make_plan(diffusion: GaussianDiffusion, sampler: str, steps: int, eta: float = 0.0, start: int = 0) -> SamplingPlan:
+    """The plan of `steps` steps. start > 0: of a chain that begins at the start-th of those
+    timesteps, from an image encoded there: the same steps from there on, except that a multistep
+    solver has no history at its first step and takes it at first order (as diffusers' schedulers
+    do after set_begin_index); samplers without history give exactly the full plan's rows."""
     try:
-        build = SAMPLERS[sampler]
+        sampler_module = SAMPLERS[sampler]
     except KeyError:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}") from None
-    return build(diffusion, steps, eta)
+    timesteps = sampler_module.spacing(diffusion.num_timesteps, steps)
+    if not 0 <= start < steps:
+        raise ValueError(f"start must be a step of the plan, 0..{steps - 1}, got {start}")
+    return sampler_module.plan(diffusion, timesteps[start:], eta)
 
 
 __all__ = [
     "CARRIED",
+    "REACHES_X0",
     "NoiseStream",
     "SAMPLERS",
     "SamplerName",
@@ -47,6 +57,9 @@ __all__ = [
     "image_seed",
     "make_plan",
     "next_carried",
+    "renoise_coefs",
+    "resample",
+    "resampling_rows",
     "spaced_timesteps",
     "stack_to",
     "tensor_to",

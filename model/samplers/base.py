@@ -65,12 +65,18 @@ def corrected_column(slot: Slot) -> int:
     return CORRECTED_COLUMNS + slot
 
 
+REACHES_X0 = -1  # SamplingPlan.reaches of a step that lands on x_0
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
-    timesteps: torch.Tensor  # [N] long, descending: the t given to the model at step i
+    timesteps: torch.Tensor  # [N] long: the t given to the model at step i
     coefs: torch.Tensor  # [N, COLUMNS] float64: Coef, then next_column(s), then corrected_column(s)
     reads: frozenset[Slot]  # slots with a weight anywhere in the plan
     corrects: bool  # whether a step computes a corrected sample (UniPC)
+    # [N] long: the timestep step i lands on (REACHES_X0: x_0). The next step's timestep, except
+    # where RePaint's resampling (samplers.repaint) jumps back up before the next step.
+    reaches: torch.Tensor
 
     def __len__(self) -> int:
         return self.timesteps.shape[0]
@@ -106,7 +112,9 @@ def build_plan(timesteps: torch.Tensor, x0_coefs: tuple[torch.Tensor, torch.Tens
         coefs[:, corrected_column(slot)] = weight
     weights = coefs[:, NEXT_COLUMNS:].view(len(timesteps), 2, len(Slot))  # [N, (next, corrected), slot]
     used = weights.ne(0).flatten(0, 1).any(dim=0)
-    return SamplingPlan(timesteps, coefs, frozenset(slot for slot in Slot if used[slot]), corrected_weights is not None)
+    reaches = torch.cat([timesteps[1:], torch.tensor([REACHES_X0])])
+    return SamplingPlan(timesteps, coefs, frozenset(slot for slot in Slot if used[slot]), corrected_weights is not None,
+                        reaches)
 
 
 def spaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:

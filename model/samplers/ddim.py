@@ -8,10 +8,13 @@ from ..diffusion import GaussianDiffusion
 from .base import SamplingPlan, Slot, alphas_cumprod_pairs, build_plan, spaced_timesteps, x0_coefs
 
 
-def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> SamplingPlan:
+spacing = spaced_timesteps  # the timesteps it visits for a number of steps
+
+
+def plan(diffusion: GaussianDiffusion, timesteps: torch.Tensor, eta: float = 0.0) -> SamplingPlan:
+    """The plan over `timesteps` (descending; the last step goes to x_0)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    timesteps = spaced_timesteps(diffusion.num_timesteps, steps)
     abar_t, abar_prev = alphas_cumprod_pairs(diffusion.schedule.alphas_cumprod, timesteps)
     sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
     direction = torch.sqrt((1.0 - abar_prev - sigma**2).clamp(min=0.0))

@@ -13,9 +13,12 @@ from ..diffusion import GaussianDiffusion
 from .base import SamplingPlan, Slot, alphas_cumprod_pairs, build_plan, spaced_timesteps, x0_coefs
 
 
-def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> SamplingPlan:
+spacing = spaced_timesteps  # the timesteps it visits for a number of steps
+
+
+def plan(diffusion: GaussianDiffusion, timesteps: torch.Tensor, eta: float = 0.0) -> SamplingPlan:
+    """The plan over `timesteps` (descending; the last step goes to x_0)."""
     del eta  # accepted for a uniform sampler signature; ancestral sampling has no eta
-    timesteps = spaced_timesteps(diffusion.num_timesteps, steps)
     abar_t, abar_prev = alphas_cumprod_pairs(diffusion.schedule.alphas_cumprod, timesteps)
     beta = 1.0 - abar_t / abar_prev
     # Posterior q(x_{t-1} | x_t, x0) of the respaced chain  (eq. 7).

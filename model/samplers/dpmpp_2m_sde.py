@@ -19,9 +19,12 @@ from .base import LogSnrGrid, SamplingPlan, Slot, build_plan, linspace_timesteps
 from .dpmpp_2m import second_order_weight
 
 
-def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> SamplingPlan:
+spacing = linspace_timesteps  # the timesteps it visits for a number of steps
+
+
+def plan(diffusion: GaussianDiffusion, timesteps: torch.Tensor, eta: float = 0.0) -> SamplingPlan:
+    """The plan over `timesteps` (descending; the last step goes to x_0)."""
     del eta  # DDIM's option only
-    timesteps = linspace_timesteps(diffusion.num_timesteps, steps)
     alphas_cumprod = diffusion.schedule.alphas_cumprod
     grid = LogSnrGrid.of(alphas_cumprod, timesteps)
     fresh = -torch.expm1(-2.0 * grid.h)  # 1 - e^{-2 h_i}: the share of sigma_{i+1}^2 that is new noise

@@ -33,9 +33,12 @@ from ..diffusion import GaussianDiffusion
 from .base import LogSnrGrid, SamplingPlan, Slot, Weights, build_plan, linspace_timesteps, x0_coefs
 
 
-def plan(diffusion: GaussianDiffusion, steps: int, eta: float = 0.0) -> SamplingPlan:
+spacing = linspace_timesteps  # the timesteps it visits for a number of steps
+
+
+def plan(diffusion: GaussianDiffusion, timesteps: torch.Tensor, eta: float = 0.0) -> SamplingPlan:
+    """The plan over `timesteps` (descending; the last step goes to x_0)."""
     del eta  # DDIM's option only
-    timesteps = linspace_timesteps(diffusion.num_timesteps, steps)
     alphas_cumprod = diffusion.schedule.alphas_cumprod
     grid = LogSnrGrid.of(alphas_cumprod, timesteps)
     corrected = corrector_weights(grid)

@@ -6,8 +6,10 @@ operation below is that, with a different start per image:
 
 - Variation (SDEdit, Meng et al. 2022): the image encoded at t0 = strength x T.
 - Inpainting: sampling from noise, but after every step the known pixels are replaced
-  by the input encoded to that step (the replacement method; RePaint's resampling is not
-  offered).
+  by the input encoded to that step (the replacement method), optionally with RePaint's
+  resampling (Lugmayr et al. 2022): every jump_length steps the sample is noised back up
+  jump_length steps and that stretch denoised again, jump_n_sample times in all, which
+  multiplies the U-Net calls (resampled_steps).
 - Interpolation (paper Fig. 8): two images encoded with the same noise and mixed,
   (1 - lambda) x_t + lambda x'_t. With one noise that *is* the encoding of the mixed image
   (1 - lambda) x_0 + lambda x'_0, so each lambda is one reconstruction.
@@ -25,10 +27,12 @@ from typing import Literal, get_args
 
 Operation = Literal["variation", "inpaint", "interpolate", "reconstruct"]
 OPERATIONS: tuple[str, ...] = get_args(Operation)
-# Samplers whose step depends only on its own timestep and the next one, so a lane may start at
-# any step of the plan and its sample may be edited between steps. A multistep solver's history
-# would have to be rebuilt for both.
-IMAGE_SAMPLERS = ("ddpm", "ddim")
+# Samplers whose step depends only on its own timestep and the next one, so a plan may jump back
+# up (RePaint). A multistep solver's history would belong to the stretch it left. (A lane starting
+# from an image later in the plan works with every sampler: a multistep one starts at first order.)
+RESAMPLING_SAMPLERS = ("ddpm", "ddim")
+MAX_RESAMPLING = 10  # a resampled plan takes at most this many times T U-Net calls per image
+DEFAULT_JUMP_LENGTH = 10  # RePaint's and diffusers' j
 DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength
 DEFAULT_INTERPOLATION_T = 500  # the paper's Fig. 8
 
@@ -62,6 +66,8 @@ class Source:
     lambdas: tuple[float, ...] = ()  # interpolate: one image per lambda
     t: int = DEFAULT_INTERPOLATION_T  # interpolate
     timesteps: tuple[int, ...] = ()  # reconstruct: one image per t
+    jump_length: int = DEFAULT_JUMP_LENGTH  # inpaint: RePaint's j
+    jump_n_sample: int = 1  # inpaint: RePaint's r (1: no resampling)
 
     @property
     def image_count(self) -> int | None:
@@ -79,9 +85,17 @@ class Source:
         return self.operation in ("interpolate", "reconstruct")
 
 
+def resampled_steps(steps: int, jump_length: int, jump_n_sample: int) -> int:
+    """U-Net calls per image of a `steps`-step plan with RePaint's resampling: a jump back up
+    jump_length steps at every jump point (model.samplers.resampling_rows visits them), each
+    jump_n_sample - 1 times."""
+    jump_points = len(range(0, steps - jump_length, jump_length))
+    return steps + (jump_n_sample - 1) * jump_length * jump_points
+
+
 def source_to_json(source: Source) -> dict:
     """A JSON-able dict (the job store keeps requests as JSON); source_from_json inverts it."""
-    data = {field: getattr(source, field) for field in ("operation", "strength", "t")}
+    data = {field: getattr(source, field) for field in ("operation", "strength", "t", "jump_length", "jump_n_sample")}
     data.update(lambdas=list(source.lambdas), timesteps=list(source.timesteps),
                 image=picture_to_json(source.image), other=source.other and picture_to_json(source.other),
                 keep=source.keep and base64.b64encode(source.keep).decode())
@@ -92,7 +106,8 @@ def source_from_json(data: dict) -> Source:
     return Source(operation=data["operation"], image=picture_from_json(data["image"]), strength=data["strength"],
                   keep=data["keep"] and base64.b64decode(data["keep"]),
                   other=data["other"] and picture_from_json(data["other"]), lambdas=tuple(data["lambdas"]),
-                  t=data["t"], timesteps=tuple(data["timesteps"]))
+                  t=data["t"], timesteps=tuple(data["timesteps"]),
+                  jump_length=data.get("jump_length", DEFAULT_JUMP_LENGTH), jump_n_sample=data.get("jump_n_sample", 1))
 
 
 def picture_to_json(picture: Picture) -> dict:

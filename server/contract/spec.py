@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from .sources import IMAGE_SAMPLERS, OPERATIONS, Picture, Source
+from .sources import MAX_RESAMPLING, OPERATIONS, RESAMPLING_SAMPLERS, Picture, Source, resampled_steps
 
 # The model's samplers (model.samplers.SAMPLERS; a test proves the two agree) and the kinds
 # of preview frame: x_t, the noisy image, or x0, the model's current guess of the final one.
@@ -87,12 +87,12 @@ class ValidSpec:
 def validate(spec: GenerationSpec, limits: RequestLimits) -> ValidSpec:
     """`spec` checked against `limits`, or InvalidSpec naming the first bad field and its range."""
     n = check_int("n", spec.n, 1, limits.max_images_per_request)
-    if spec.source is not None:
-        n = check_source(spec.source, spec.sampler, limits) or n
     steps = limits.num_timesteps if spec.steps is None else check_int(
         "steps", spec.steps, 1, limits.num_timesteps, " (the model's T)")
     if spec.sampler not in SAMPLER_NAMES:
         raise InvalidSpec("sampler", f"sampler must be one of {list(SAMPLER_NAMES)}, got {spec.sampler!r}")
+    if spec.source is not None:
+        n = check_source(spec.source, spec.sampler, steps, limits) or n
     eta = check_float("eta", spec.eta, *ETA_RANGE)
     if eta and spec.sampler != "ddim":
         raise InvalidSpec("eta", f"eta applies to the ddim sampler only; {spec.sampler} takes eta = 0")
@@ -108,13 +108,11 @@ def validate(spec: GenerationSpec, limits: RequestLimits) -> ValidSpec:
                      limits, spec.source, _PROOF)
 
 
-def check_source(source: Source, sampler: str, limits: RequestLimits) -> int | None:
+def check_source(source: Source, sampler: str, steps: int, limits: RequestLimits) -> int | None:
     """InvalidSpec unless `source` fits the model; returns the image count it fixes, if any."""
     if source.operation not in OPERATIONS:
         raise InvalidSpec("operation", f"operation must be one of {list(OPERATIONS)}, got {source.operation!r}")
     check_picture("image", source.image, limits)
-    if sampler not in IMAGE_SAMPLERS:
-        raise InvalidSpec("sampler", f"image-to-image works with {list(IMAGE_SAMPLERS)}, got {sampler!r}")
     op = source.operation
     if op == "variation":
         check_float("strength", source.strength, 0.0, 1.0, exclusive_min=True)
@@ -122,6 +120,7 @@ def check_source(source: Source, sampler: str, limits: RequestLimits) -> int | N
         _, h, w = source.image.shape
         if source.keep is None or len(source.keep) != h * w:
             raise InvalidSpec("mask", f"inpainting needs a mask of the image's size ({w}x{h})")
+        check_resampling(source, sampler, steps, limits)
     elif op == "interpolate":
         if source.other is None:
             raise InvalidSpec("image2", "interpolation needs a second image")
@@ -135,6 +134,20 @@ def check_source(source: Source, sampler: str, limits: RequestLimits) -> int | N
         for value in source.timesteps:
             check_int("timesteps", value, 1, limits.num_timesteps, " (the model's T)")
     return source.image_count
+
+
+def check_resampling(source: Source, sampler: str, steps: int, limits: RequestLimits) -> None:
+    check_int("jump_length", source.jump_length, 1, limits.num_timesteps, " (the model's T)")
+    check_int("jump_n_sample", source.jump_n_sample, 1, None, " (1: no resampling)")
+    if source.jump_n_sample == 1:
+        return
+    if sampler not in RESAMPLING_SAMPLERS:
+        raise InvalidSpec("sampler", f"RePaint's resampling works with {list(RESAMPLING_SAMPLERS)}, got {sampler!r}")
+    calls, most = resampled_steps(steps, source.jump_length, source.jump_n_sample), limits.num_timesteps * MAX_RESAMPLING
+    if calls > most:
+        raise InvalidSpec("jump_n_sample", f"{steps} steps with jump_length {source.jump_length} and jump_n_sample "
+                                           f"{source.jump_n_sample} take {calls} U-Net calls per image; at most {most} "
+                                           f"({MAX_RESAMPLING} x T)")
 
 
 def check_picture(name: str, picture: object, limits: RequestLimits) -> None:

@@ -62,7 +62,7 @@ from .publisher import Publisher
 from .request import Lane, Request
 from .runner import Runner
 from .scheduler import Scheduler
-from .sources import lane_starts
+from .sources import lane_starts, resampling
 from .timing import StepTimer
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,13 @@ class Engine:
         if self._loop is None:
             self.observer.on_reject("closed")
             raise EngineClosed("the engine has not been started")
-        plan = self._runner.plan(spec.sampler, spec.steps, spec.eta)
+        plan = self._runner.plan(spec.sampler, spec.steps, spec.eta, resampling=resampling(spec.source))
         timeout_s = self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s
         channel = EventChannel(self._loop)
-        starts = lane_starts(spec.source, spec.n, self._runner.num_timesteps)
-        request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel, on_start, starts)
+        starts = lane_starts(spec.source, spec.n, plan.timesteps, self._runner.num_timesteps)
+        lane_plans = [self._runner.plan(spec.sampler, spec.steps, spec.eta, start.cursor) if start.cursor else plan
+                      for start in starts]
+        request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel, on_start, starts, lane_plans)
         with self._lock:
             if self._fault is not None:
                 rejection = "failed"

@@ -11,20 +11,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from model.diffusion import GaussianDiffusion
-from model.samplers import NoiseStream, SamplingPlan, Slot, image_seed, stack_to
+from model.samplers import REACHES_X0, NoiseStream, SamplingPlan, Slot, image_seed, renoise_coefs, stack_to
 
 from server.contract import RequestState, ValidSpec
 from server.contract.channel import EventChannel
 
-from .sources import KnownRegion, LaneStart, encode, start_cursor
+from .sources import KnownRegion, LaneStart, encode
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Jump:
+    """RePaint's resampling after a step: x = kept * x + fresh * z, z the lane's `ordinal`-th jump draw."""
+
+    ordinal: int
+    kept: float
+    fresh: float
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a step gathers the set of its lanes' plans
@@ -34,14 +43,26 @@ class LanePlan:
 
     timesteps: list[int]
     coef_rows: list[list[float]]
+    reaches: list[int]  # where each step lands (REACHES_X0: x_0)
     draws: int  # normal draws per image (SamplingPlan.draws)
     noisy: bool
     carries: frozenset[Slot]
     corrects: bool
+    jumps: dict[int, Jump]  # by the step after which the sample is noised back up (RePaint)
 
     @classmethod
-    def of(cls, plan: SamplingPlan) -> "LanePlan":
-        return cls(plan.timesteps.tolist(), plan.coefs.tolist(), plan.draws, plan.noisy, plan.carries, plan.corrects)
+    def of(cls, plan: SamplingPlan, alphas_cumprod: torch.Tensor) -> "LanePlan":
+        timesteps, reaches = plan.timesteps.tolist(), plan.reaches.tolist()
+        rises = [k for k in range(len(plan) - 1) if timesteps[k + 1] != reaches[k]]
+        jumps = {k: Jump(ordinal, *renoise_coefs(alphas_cumprod, reaches[k], timesteps[k + 1]))
+                 for ordinal, k in enumerate(rises)}
+        return cls(timesteps, plan.coefs.tolist(), reaches, plan.draws, plan.noisy, plan.carries, plan.corrects, jumps)
+
+    def restarted(self, tail: "LanePlan", start: int) -> "LanePlan":
+        """This plan with the steps from `start` on taken from `tail`, the plan of a chain that
+        begins there (make_plan's start), so lanes index every plan of a request alike."""
+        return replace(self, coef_rows=self.coef_rows[:start] + tail.coef_rows,
+                       reaches=self.reaches[:start] + tail.reaches, carries=self.carries | tail.carries)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -52,11 +73,11 @@ class Lane:
 
     __slots__ = ("request", "index", "plan", "start", "cursor", "x", "noise", "carried", "next_carried", "known")
 
-    def __init__(self, request: "Request", index: int, noise: NoiseStream, x_start: torch.Tensor, start: int = 0,
-                 known: KnownRegion | None = None):
+    def __init__(self, request: "Request", index: int, plan: LanePlan, noise: NoiseStream, x_start: torch.Tensor,
+                 start: int = 0, known: KnownRegion | None = None):
         self.request = request
         self.index = index
-        self.plan = request.plan
+        self.plan = plan
         self.start = start  # the plan step it starts at: 0, or later for a lane from an image
         self.cursor = start  # steps done
         # x_T (or an image's encoding noise) was its first draw, the z of its k-th step draw k,
@@ -90,9 +111,14 @@ class Lane:
 
     @property
     def next_t(self) -> int | None:
-        """The timestep this step reaches (None: the last step, to x_0)."""
-        following = self.cursor + 1
-        return self.plan.timesteps[following] if following < len(self.plan) else None
+        """The timestep this step reaches (None: x_0)."""
+        reached = self.plan.reaches[self.cursor]
+        return None if reached == REACHES_X0 else reached
+
+    @property
+    def jump(self) -> Jump | None:
+        """RePaint's noising back up after this step, if the plan jumps here."""
+        return self.plan.jumps.get(self.cursor)
 
     def advance(self, x_next: torch.Tensor) -> None:
         """Commits the step the runner computed: the sample, the history, the position."""
@@ -106,13 +132,17 @@ class Request:
     except the fields `status` reads under the engine's lock and the cancel flag."""
 
     def __init__(self, request_id: str, spec: ValidSpec, plan: LanePlan, timeout_s: float, channel: EventChannel,
-                 on_start: Callable[[], None] | None = None, starts: list[LaneStart] | None = None):
+                 on_start: Callable[[], None] | None = None, starts: list[LaneStart] | None = None,
+                 lane_plans: list[LanePlan] | None = None):
+        """plan: the request's; lane_plans: each image's, where it differs (a multistep lane
+        that starts from an image later than step 0)."""
         self.id = request_id
         self.on_start = on_start
         self.spec = spec
         self.seed = spec.seed
         self.plan = plan
         self.starts = starts or [LaneStart()] * spec.n
+        self.lane_plans = lane_plans or [plan] * spec.n
         self.one_noise = spec.source is not None and spec.source.one_noise
         self.channel = channel
         self.submitted_at = time.monotonic()
@@ -146,12 +176,12 @@ class Request:
                     device: torch.device) -> list[Lane]:
         first = len(self.lanes)
         indices = range(first, first + count)
-        cursors = [start_cursor(self.plan.timesteps, self.starts[index].t0) for index in indices]
+        cursors = [self.starts[index].cursor for index in indices]
         streams = [NoiseStream(self.seed, 0 if self.one_noise else index, shape, self._draws(cursor))
                    for index, cursor in zip(indices, cursors)]
         x_start = stack_to([self._first_sample(index, stream[0], cursor, diffusion)
                             for index, stream, cursor in zip(indices, streams, cursors)], device).unbind(0)
-        lanes = [Lane(self, index, stream, x, cursor, self._known_region(index, len(self.plan) - cursor))
+        lanes = [Lane(self, index, self.lane_plans[index], stream, x, cursor, self._known_region(index, cursor))
                  for index, stream, x, cursor in zip(indices, streams, x_start, cursors)]
         self.lanes.extend(lanes)
         self.lanes_waiting -= count
@@ -176,9 +206,11 @@ class Request:
             return first_draw
         return encode(diffusion, self.starts[index].image, self.plan.timesteps[cursor], first_draw)
 
-    def _known_region(self, index: int, steps: int) -> KnownRegion | None:
-        start = self.starts[index]
-        return None if start.keep is None else KnownRegion(start, self.image_seed(index), steps)
+    def _known_region(self, index: int, cursor: int) -> KnownRegion | None:
+        start, plan = self.starts[index], self.lane_plans[index]
+        if start.keep is None:
+            return None
+        return KnownRegion(start, self.image_seed(index), len(plan) - cursor, len(plan.jumps))
 
     def image_seed(self, index: int) -> int:
         return self.seed if self.one_noise else image_seed(self.seed, index)

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 import torch
 
 from model import DDPM
-from model.samplers import CARRIED, Slot, denoise_step, make_plan, next_carried, stack_to, tensor_to
+from model.samplers import CARRIED, Slot, denoise_step, make_plan, next_carried, resample, stack_to, tensor_to
 
 from .request import Lane, LanePlan
 
-PLAN_CACHE_SIZE = 64  # distinct (sampler, steps, eta); eta is a free float, so bound it
+PLAN_CACHE_SIZE = 64  # distinct plan settings; eta is a free float, so bound it
 
 
 class Runner:
@@ -34,7 +34,7 @@ class Runner:
         self.ddpm = ddpm
         self.device = ddpm.device
         self.image_shape = ddpm.image_shape
-        self._plans: OrderedDict[tuple[str, int, float], LanePlan] = OrderedDict()
+        self._plans: OrderedDict[tuple, LanePlan] = OrderedDict()
         self._no_noise = torch.zeros(self.image_shape)  # z of a lane whose sampler adds none (CPU)
         self._no_history = torch.zeros(self.image_shape, device=self.device)  # a slot a lane lacks
 
@@ -42,18 +42,33 @@ class Runner:
     def num_timesteps(self) -> int:
         return self.ddpm.diffusion.num_timesteps
 
-    def plan(self, sampler: str, steps: int, eta: float) -> LanePlan:
+    def plan(self, sampler: str, steps: int, eta: float, start: int = 0,
+             resampling: tuple[int, int] | None = None) -> LanePlan:
         """The cached plan for these settings (ValueError for settings no sampler accepts).
-        Lanes hold their plan, so evicting one never disturbs a running lane."""
-        key = (sampler, steps, eta)
+        start: for a lane that starts at that step (make_plan's start), indexed like the full plan;
+        resampling: (jump_length, jump_n_sample) of RePaint. Lanes hold their plan, so evicting
+        one never disturbs a running lane."""
+        key = (sampler, steps, eta, start, resampling)
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        plan = LanePlan.of(make_plan(self.ddpm.diffusion, sampler, steps, eta))
+        plan = self._build_plan(sampler, steps, eta, start, resampling)
         self._plans[key] = plan
         if len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
         return plan
+
+    def _build_plan(self, sampler: str, steps: int, eta: float, start: int,
+                    resampling: tuple[int, int] | None) -> LanePlan:
+        diffusion = self.ddpm.diffusion
+        full = make_plan(diffusion, sampler, steps, eta)
+        if resampling is not None:
+            full = resample(full, *resampling)
+        lane_plan = LanePlan.of(full, diffusion.schedule.alphas_cumprod)
+        if start == 0 or not full.carries:  # without history the rows from `start` are the same
+            return lane_plan
+        tail = make_plan(diffusion, sampler, steps, eta, start)
+        return lane_plan.restarted(LanePlan.of(tail, diffusion.schedule.alphas_cumprod), start)
 
     def step(self, lanes: Sequence[Lane]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One reverse step for every lane; returns (x_next, x0_hat) per lane.
@@ -81,7 +96,8 @@ class Runner:
         return x_next.unbind(0), x0
 
     def _keep_known(self, x_next: torch.Tensor, lanes: Sequence[Lane]) -> torch.Tensor:
-        """Inpainting lanes: their known pixels replaced by the input encoded to the step reached."""
+        """Inpainting lanes: their known pixels replaced by the input encoded to the step reached,
+        then, where the plan jumps back up (RePaint), the whole sample noised up to the next step."""
         rows = [i for i, lane in enumerate(lanes) if lane.known is not None]
         if not rows:
             return x_next
@@ -90,7 +106,18 @@ class Runner:
                             for i, region in zip(rows, known)], self.device)
         keep = stack_to([region.keep for region in known], self.device)
         index = tensor_to(rows, torch.long, self.device)
-        return x_next.index_copy(0, index, torch.where(keep, targets, x_next[index]))
+        x_next = x_next.index_copy(0, index, torch.where(keep, targets, x_next[index]))
+        jumping = [(i, lanes[i].jump) for i in rows if lanes[i].jump is not None]
+        return self._jump(x_next, jumping, lanes) if jumping else x_next
+
+    def _jump(self, x_next: torch.Tensor, jumping: list, lanes: Sequence[Lane]) -> torch.Tensor:
+        """x = kept * x + fresh * z for each (row, Jump): q(x_t | x_s) up to the next step's t."""
+        rows, jumps = zip(*jumping)
+        kept = tensor_to([jump.kept for jump in jumps], torch.float32, self.device)[:, None, None, None]
+        fresh = tensor_to([jump.fresh for jump in jumps], torch.float32, self.device)[:, None, None, None]
+        z = stack_to([lanes[i].known.jump_noise[jump.ordinal] for i, jump in jumping], self.device)
+        index = tensor_to(list(rows), torch.long, self.device)
+        return x_next.index_copy(0, index, kept * x_next[index] + fresh * z)
 
     def _gather_history(self, lanes: Sequence[Lane], carried: frozenset[Slot]) -> dict[Slot, torch.Tensor]:
         """Each carried slot some lane's plan keeps, stacked (zeros for lanes without it)."""

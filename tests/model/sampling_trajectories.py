@@ -58,10 +58,10 @@ def run_plan(plan: SamplingPlan, eps_model, x_T: torch.Tensor, noises) -> torch.
     return torch.stack(trajectory)
 
 
-def diffusers_trajectory(eps_model, scheduler, x_T: torch.Tensor, step) -> torch.Tensor:
-    """step(eps, t, x) -> the scheduler's output for that step."""
+def diffusers_trajectory(eps_model, scheduler, x_T: torch.Tensor, step, start: int = 0) -> torch.Tensor:
+    """step(eps, t, x) -> the scheduler's output for that step; from scheduler.timesteps[start]."""
     x, trajectory = x_T, []
-    for t in scheduler.timesteps:
+    for t in scheduler.timesteps[start:]:
         x = step(eps_model(x, t), t, x).prev_sample
         trajectory.append(x)
     return torch.stack(trajectory)

@@ -11,10 +11,17 @@ from sampling_trajectories import SHAPE, TARGET, FakeDenoiser, diffusers_traject
 import model
 from model.samplers import Slot, denoise_step, image_seed, make_plan, spaced_timesteps
 from model.samplers.base import Coef, next_column
+from tests.conftest import on_device
 
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' name
 VARIANCES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 SIGMA = next_column(Slot.NOISE)  # the noise scale's column in a plan
+
+
+@pytest.fixture(scope="module")
+def tiny_ddpm(tiny_ddpm, test_device) -> model.DDPM:
+    """This module samples on the test device (DDPM_TEST_DEVICE)."""
+    return on_device(tiny_ddpm, test_device)
 
 
 def our_trajectory(config: model.DiffusionConfig, sampler: str, steps: int, eta: float, x_T, noises):
@@ -205,3 +212,16 @@ def test_bad_sample_requests_are_refused(tiny_ddpm, kwargs, message):
 def test_sample_rejects_noise_of_the_wrong_shape(tiny_ddpm):
     with pytest.raises(ValueError, match=r"noise must have shape \(2, 1, 28, 28\)"):
         tiny_ddpm.sample(2, steps=2, noise=torch.zeros(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+def test_a_later_start_keeps_the_rows_of_samplers_without_history(sampler, eta):
+    diffusion = model.GaussianDiffusion(model.DiffusionConfig())
+    full, later = make_plan(diffusion, sampler, 20, eta), make_plan(diffusion, sampler, 20, eta, start=7)
+    assert torch.equal(later.timesteps, full.timesteps[7:]) and torch.equal(later.coefs, full.coefs[7:])
+
+
+@pytest.mark.parametrize("start", [-1, 20])
+def test_a_start_outside_the_plan_is_refused(start):
+    with pytest.raises(ValueError, match="start must be a step of the plan"):
+        make_plan(model.GaussianDiffusion(model.DiffusionConfig()), "ddpm", 20, start=start)

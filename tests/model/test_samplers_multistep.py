@@ -39,15 +39,18 @@ def diffusers_scheduler(sampler: str):
     return DPMSolverMultistepScheduler(**ddpm_config, algorithm_type=algorithm)
 
 
-def compare_with_diffusers(sampler: str, steps: int, config: model.DiffusionConfig, denoiser) -> None:
+def compare_with_diffusers(sampler: str, steps: int, config: model.DiffusionConfig, denoiser, start: int = 0) -> None:
+    """start > 0: a chain begun at that step (an image encoded there), diffusers' set_begin_index."""
     scheduler = diffusers_scheduler(sampler)
     scheduler.set_timesteps(steps)
-    x_T, noises = x_T_for(3), step_noises(steps, seed=5)
-    noise_at = {int(t): z for t, z in zip(scheduler.timesteps, noises)}
+    scheduler.set_begin_index(start)
+    x_T, noises = x_T_for(3), step_noises(steps - start, seed=5)
+    noise_at = {int(t): z for t, z in zip(scheduler.timesteps[start:], noises)}
     extra = (lambda t: {"variance_noise": noise_at[int(t)]}) if sampler == "dpmpp_2m_sde" else (lambda t: {})
-    expected = diffusers_trajectory(denoiser, scheduler, x_T, lambda eps, t, x: scheduler.step(eps, t, x, **extra(t)))
-    plan = make_plan(model.GaussianDiffusion(config), sampler, steps)
-    assert plan.timesteps.tolist() == scheduler.timesteps.tolist()
+    expected = diffusers_trajectory(denoiser, scheduler, x_T, lambda eps, t, x: scheduler.step(eps, t, x, **extra(t)),
+                                    start)
+    plan = make_plan(model.GaussianDiffusion(config), sampler, steps, start=start)
+    assert plan.timesteps.tolist() == scheduler.timesteps[start:].tolist()
     got = run_plan(plan, denoiser, x_T, noises)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
@@ -59,6 +62,15 @@ def test_multistep_samplers_match_diffusers_where_clipping_is_inactive(sampler, 
     whose predictions stay inside, clipping is inactive and the two must agree."""
     config = model.DiffusionConfig(clip_x0=True)
     compare_with_diffusers(sampler, steps, config, BoundedDenoiser(config))
+
+
+@pytest.mark.parametrize("steps, start", [(10, 1), (10, 6), (10, 9), (25, 12)])
+@pytest.mark.parametrize("sampler", MULTISTEP)
+def test_a_chain_begun_later_matches_diffusers_from_its_begin_index(sampler, steps, start):
+    """Image to image with a multistep solver: no history at the first step, so first order
+    there (and UniPC corrects nothing yet), as diffusers after set_begin_index."""
+    config = model.DiffusionConfig(clip_x0=True)
+    compare_with_diffusers(sampler, steps, config, BoundedDenoiser(config), start)
 
 
 @pytest.mark.parametrize("steps", [4, 20])

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.contract import EngineConfig, GenerationSpec, InvalidSpec
-from server.contract.sources import Picture, Source
+from model.samplers import resampling_rows
+from server.contract import EngineConfig, GenerationSpec, InvalidSpec, Progress
+from server.contract.sources import Picture, Source, resampled_steps
 
 from .conftest import decode_png, run, running_engine, submit
 
@@ -69,6 +70,58 @@ def test_inpainting_keeps_the_known_pixels_exactly(tiny_ddpm):
         assert not np.array_equal(image[keep == 0], pixels(source)[keep == 0])
 
 
+def inpaint_source(image: Picture, **resampling) -> Source:
+    keep = np.ones(SHAPE[1:], dtype=np.uint8)
+    keep[8:20, 8:20] = 0
+    return Source("inpaint", image, keep=keep.tobytes(), **resampling)
+
+
+def test_resampled_inpainting_keeps_the_known_pixels_and_runs_repaints_steps(tiny_ddpm):
+    source = inpaint_source(picture(2), jump_length=3, jump_n_sample=3)
+    spec = GenerationSpec(n=2, steps=10, seed=3, source=source)
+
+    async def body():
+        async with running_engine(tiny_ddpm) as engine:
+            handle = submit(engine, spec)
+            totals = {event.total async for event in handle.events() if isinstance(event, Progress)}
+            return totals, await handle.result()
+
+    totals, done = run(body())
+    assert totals == {resampled_steps(10, 3, 3)} == {len(resampling_rows(10, 3, 3))} == {28}
+    keep = np.frombuffer(source.keep, dtype=np.uint8).reshape(SHAPE[1:])
+    plain, = generate(tiny_ddpm, GenerationSpec(n=2, steps=10, seed=3, source=inpaint_source(picture(2))))
+    for image, without in zip(images(done), images(plain)):
+        assert np.array_equal(image[keep == 1], pixels(picture(2))[keep == 1])
+        assert not np.array_equal(image[keep == 0], without[keep == 0])  # the resampling changed the rest
+
+
+def test_one_sample_per_jump_is_no_resampling(tiny_ddpm):
+    once, plain = generate(tiny_ddpm,
+                           GenerationSpec(n=2, steps=10, seed=3, source=inpaint_source(picture(2), jump_n_sample=1)),
+                           GenerationSpec(n=2, steps=10, seed=3, source=inpaint_source(picture(2))))
+    for a, b in zip(images(once), images(plain)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("steps, jump_length, jump_n_sample", [(10, 3, 3), (25, 10, 10), (7, 10, 4), (50, 1, 2)])
+def test_resampled_steps_counts_the_rows_repaint_visits(steps, jump_length, jump_n_sample):
+    assert resampled_steps(steps, jump_length, jump_n_sample) == len(resampling_rows(steps, jump_length, jump_n_sample))
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_multistep_samplers_start_from_an_image(tiny_ddpm, sampler):
+    """A lane starting later has no history: its plan starts at first order (make_plan's start)."""
+    source = picture(1)
+    near, far = generate(tiny_ddpm,
+                         GenerationSpec(n=1, steps=10, sampler=sampler, seed=2, source=Source("variation", source, 0.2)),
+                         GenerationSpec(n=1, steps=10, sampler=sampler, seed=2, source=Source("variation", source, 1.0)))
+    near_error = np.abs(images(near)[0] - pixels(source)).mean()
+    far_error = np.abs(images(far)[0] - pixels(source)).mean()
+    assert near_error < 0.5 * far_error, (near_error, far_error)
+    plain, = generate(tiny_ddpm, GenerationSpec(n=1, steps=10, sampler=sampler, seed=2))
+    assert np.array_equal(images(far)[0], images(plain)[0])
+
+
 def test_interpolation_ends_are_the_reconstructions_of_its_inputs(tiny_ddpm):
     a, b = picture(3), picture(4)
     strip, first, second = generate(
@@ -100,8 +153,10 @@ def test_image_lanes_beside_plain_lanes_give_the_images_they_give_alone(tiny_ddp
                        source=Source("inpaint", picture(7), keep=keep.tobytes())),
         GenerationSpec(steps=12, seed=4, source=Source("reconstruct", picture(8), timesteps=(10, 40))),
         GenerationSpec(n=2, steps=9, sampler="dpmpp_2m", seed=5),
+        GenerationSpec(steps=10, sampler="unipc", seed=6, source=Source("reconstruct", picture(9), timesteps=(20, 45))),
+        GenerationSpec(n=2, steps=9, seed=7, source=inpaint_source(picture(10), jump_length=2, jump_n_sample=2)),
     ]
-    together = generate(tiny_ddpm, *specs, max_batch=5)
+    together = generate(tiny_ddpm, *specs, max_batch=6)
     for spec, crowd in zip(specs, together):
         alone, = generate(tiny_ddpm, spec)
         for a, b in zip(images(alone), images(crowd)):
@@ -109,7 +164,10 @@ def test_image_lanes_beside_plain_lanes_give_the_images_they_give_alone(tiny_ddp
 
 
 @pytest.mark.parametrize("source, sampler, field", [
-    (Source("variation", picture(0), 0.5), "dpmpp_2m", "sampler"),
+    (inpaint_source(picture(0), jump_n_sample=2), "dpmpp_2m", "sampler"),
+    (inpaint_source(picture(0), jump_n_sample=0), "ddpm", "jump_n_sample"),
+    (inpaint_source(picture(0), jump_length=0), "ddpm", "jump_length"),
+    (inpaint_source(picture(0), jump_length=1, jump_n_sample=12), "ddpm", "jump_n_sample"),  # > 10 x T calls
     (Source("variation", picture(0), 0.0), "ddpm", "strength"),
     (Source("inpaint", picture(0), keep=b"\x01" * 10), "ddpm", "mask"),
     (Source("interpolate", picture(0), lambdas=(0.5,)), "ddpm", "image2"),
