@@ -25,8 +25,7 @@ from pathlib import Path
 
 import httpx
 
-import model
-from bench.serve_load import through_server
+from bench.serve_load import add_load_arguments, through_server, weights_or_tiny
 
 READY_TIMEOUT_S = 300  # Ray's start on a loaded 2-core machine takes tens of seconds
 
@@ -72,23 +71,11 @@ def measure(name: str, weights: Path, args: argparse.Namespace, flags: list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, help="a weights file (default: the tiny preset, random weights)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--n", type=int, default=1, help="images per request")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--ws-every", type=int, default=2, help="every k-th request is a WebSocket one (0: none)")
-    parser.add_argument("--preview-every", type=int, default=5, help="WebSocket requests' preview cadence")
-    parser.add_argument("--time-limit-s", type=float, default=600.0, help="per run")
+    add_load_arguments(parser, requests=48)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        weights = args.weights
-        if weights is None:
-            config = model.preset("tiny")
-            weights = Path(scratch) / "tiny.safetensors"
-            model.save(model.DDPM(model.UNet(config.unet), config), weights)
+        weights = weights_or_tiny(args.weights, scratch)
         plain = measure("plain 1x2 threads", weights, args, ["--torch-threads", "2"])
         ray = measure("ray 2x1 thread", weights, args, ["--torch-threads", "1", "--backend", "ray", "--replicas", "2"])
 

@@ -160,28 +160,41 @@ def start_server(weights: Path, args: argparse.Namespace) -> tuple[subprocess.Po
     raise SystemExit("ddpm-serve did not become ready")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_load_arguments(parser: argparse.ArgumentParser, requests: int) -> None:
+    """The workload options that run_clients and through_server read; bench.replicas drives the
+    same clients, so it takes the same options (`requests` is the default count)."""
     parser.add_argument("--weights", type=Path, help="a weights file (default: the tiny preset, random weights)")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=requests)
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--ws-every", type=int, default=2, help="every k-th request is a WebSocket one (0: none)")
     parser.add_argument("--preview-every", type=int, default=5, help="WebSocket requests' preview cadence")
+    parser.add_argument("--time-limit-s", type=float, default=600.0, help="per pass of the clients over --requests")
+
+
+def weights_or_tiny(weights: Path | None, scratch: str) -> Path:
+    """`weights`, or the tiny preset with random weights saved under `scratch`: the default load
+    measures serving overhead, not the model."""
+    if weights is not None:
+        return weights
+    config = model.preset("tiny")
+    tiny = Path(scratch) / "tiny.safetensors"
+    model.save(model.DDPM(model.UNet(config.unet), config), tiny)
+    return tiny
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_arguments(parser, requests=32)
     parser.add_argument("--threads", type=int, help="torch threads, engine and server alike")
-    parser.add_argument("--time-limit-s", type=float, default=600.0, help="per phase")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        weights = args.weights
-        if weights is None:
-            config = model.preset("tiny")
-            weights = Path(scratch) / "tiny.safetensors"
-            model.save(model.DDPM(model.UNet(config.unet), config), weights)
+        weights = weights_or_tiny(args.weights, scratch)
         alone = asyncio.run(engine_alone(model.load(weights), args))
         process, url = start_server(weights, args)
         try:

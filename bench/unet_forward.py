@@ -101,13 +101,19 @@ def mnist_pair(seed: int) -> tuple[Forward, Forward]:
     return plain_forward, prepared_forward
 
 
+def with_nonzero_weights(unet: torch.nn.Module) -> torch.nn.Module:
+    """`unet` with every weight drawn from N(0, 0.02): its zero-initialised output layers would
+    make every output 0, and two U-Nets compared on zeros agree whatever they compute."""
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.normal_(0.0, 0.02)
+    return unet
+
+
 def dtype_pair(config: model.ModelConfig, dtype: torch.dtype, seed: int) -> tuple[Forward, Forward]:
     """(float32, dtype) forwards of our prepared U-Net, over the same random (non-zero) weights."""
     torch.manual_seed(seed)
-    float32 = model.UNet(config.unet)
-    with torch.no_grad():  # the zero-initialised output layers would make every output 0
-        for param in float32.parameters():
-            param.normal_(0.0, 0.02)
+    float32 = with_nonzero_weights(model.UNet(config.unet))
     reduced = copy.deepcopy(float32).to(dtype)
     prepare_for_inference(float32, config.diffusion.num_timesteps)
     prepare_for_inference(reduced, config.diffusion.num_timesteps)
@@ -153,6 +159,26 @@ def report(label: str, names: tuple[str, str], batch: int, times, gflop_per_imag
     print(line, flush=True)
 
 
+def time_batches(label: str, names: tuple[str, str], baseline: Forward, candidate: Forward,
+                 config: model.ModelConfig, args: argparse.Namespace, reps_factor: int = 1,
+                 gflop_per_image: float | None = None, show_difference: bool = False) -> None:
+    """One report line per batch size in args.batches: baseline against candidate on random
+    inputs of `config`'s shape, max(reps_factor, reps_factor * args.images_per_round // batch)
+    forwards per round (a cheap U-Net takes a larger factor, so that each timing stays well above
+    the timer's resolution). With show_difference, the label gives the two outputs' max relative
+    difference on that batch too."""
+    unet = config.unet
+    for batch in args.batches:
+        x = torch.randn(batch, unet.in_channels, unet.image_size, unet.image_size)
+        t = torch.randint(0, config.diffusion.num_timesteps, (batch,))
+        batch_label = label
+        if show_difference:
+            batch_label += f" (max relative diff {relative_difference(baseline, candidate, x, t):.1e})"
+        times = paired_times(baseline, candidate, x, t, args.rounds,
+                             max(reps_factor, reps_factor * args.images_per_round // batch))
+        report(batch_label, names, batch, times, gflop_per_image)
+
+
 def relative_difference(reference: Forward, candidate: Forward, x, t) -> float:
     expected = reference(x, t)
     return ((expected - candidate(x, t)).abs().max() / expected.abs().max()).item()
@@ -168,11 +194,8 @@ def time_dtypes(args: argparse.Namespace) -> None:
         x, t = torch.randn(2, *shape), torch.tensor([0, config.diffusion.num_timesteps - 1])
         print(f"{name} U-Net: max |float32 - {args.dtype}| / max |float32| on one batch: "
               f"{relative_difference(float32_forward, reduced_forward, x, t):.1e}")
-        for batch in args.batches:
-            x, t = torch.randn(batch, *shape), torch.randint(0, config.diffusion.num_timesteps, (batch,))
-            times = paired_times(float32_forward, reduced_forward, x, t, args.rounds,
-                                 max(1, args.images_per_round // batch))
-            report(name, ("float32", args.dtype), batch, times, GFLOP_PER_IMAGE if name == "cifar10" else None)
+        time_batches(name, ("float32", args.dtype), float32_forward, reduced_forward, config, args,
+                     gflop_per_image=GFLOP_PER_IMAGE if name == "cifar10" else None)
 
 
 def check_same_function(reference: Forward, ours: Forward, x, t) -> None:
@@ -206,22 +229,14 @@ def main() -> None:
         x, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 999])
         check_same_function(diffusers_forward, our_forward, x, t)
         print(f"CIFAR-10 U-Net (35.7M parameters, {GFLOP_PER_IMAGE} GFLOP per image per step)")
-        for batch in args.batches:
-            x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
-            reps = max(1, args.images_per_round // batch)
-            times = paired_times(diffusers_forward, our_forward, x, t, args.rounds, reps)
-            report("cifar10", ("diffusers", "ours"), batch, times, GFLOP_PER_IMAGE)
+        time_batches("cifar10", ("diffusers", "ours"), diffusers_forward, our_forward, model.preset("cifar10"), args,
+                     gflop_per_image=GFLOP_PER_IMAGE)
 
     if not args.skip_mnist:
         plain_forward, prepared_forward = mnist_pair(args.seed)
-        config = model.preset("mnist").unet
         print("MNIST preset U-Net (the shipped model): ours prepared vs ours plain (eval, no_grad)")
-        for batch in args.batches:
-            x = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
-            t = torch.randint(0, 1000, (batch,))
-            reps = max(4, 4 * args.images_per_round // batch)
-            times = paired_times(plain_forward, prepared_forward, x, t, args.rounds, reps)
-            report("mnist", ("plain", "prepared"), batch, times, None)
+        time_batches("mnist", ("plain", "prepared"), plain_forward, prepared_forward, model.preset("mnist"), args,
+                     reps_factor=4)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import model
-from bench.unet_forward import paired_times, report
+from bench.unet_forward import time_batches, with_nonzero_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,10 +65,7 @@ def main() -> None:
         other = import_model_at(args.revision, Path(tmp))
         config = model.preset(args.preset)
         torch.manual_seed(args.seed)
-        ours = model.UNet(config.unet)
-        with torch.no_grad():  # every weight non-zero, so the two compute something comparable
-            for param in ours.parameters():
-                param.normal_(0.0, 0.02)
+        ours = with_nonzero_weights(model.UNet(config.unet))
         theirs = other.UNet(other.preset(args.preset).unet)
         theirs.load_state_dict(ours.state_dict())
         prepare("model", ours, config.diffusion.num_timesteps)
@@ -84,19 +81,11 @@ def main() -> None:
         def working_tree_forward(x, t):
             return ours(x, t)
 
-        unet = config.unet
-        names = (args.revision, "working tree")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} U-Net; "
               f"working tree on the {'packed oneDNN' if packed else 'plain PyTorch'} path")
-        for batch in args.batches:
-            x = torch.randn(batch, unet.in_channels, unet.image_size, unet.image_size)
-            t = torch.randint(0, config.diffusion.num_timesteps, (batch,))
-            # Relative: with these small weights the outputs themselves are small.
-            reference = revision_forward(x, t)
-            diff = ((reference - working_tree_forward(x, t)).abs().max() / reference.abs().max()).item()
-            times = paired_times(revision_forward, working_tree_forward, x, t, args.rounds,
-                                 max(1, args.images_per_round // batch))
-            report(f"{args.preset} (max relative diff {diff:.1e})", names, batch, times, None)
+        # The difference is relative: with these small weights the outputs themselves are small.
+        time_batches(args.preset, (args.revision, "working tree"), revision_forward, working_tree_forward, config,
+                     args, show_difference=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from server.api.openai import size_of
 from server.contract import MAX_SEED
 from server.settings import Settings
 
@@ -52,6 +53,8 @@ def install_docs(app: FastAPI, settings: Settings) -> None:
                 body["seed"]["maximum"] = MAX_SEED
                 for name in ("n", "steps", "seed"):
                     body[name]["minimum"] = int(body[name]["minimum"])
+                if "size" in body:  # the /v1 routes: the one size this model makes, or "auto"
+                    body["size"]["anyOf"][0]["enum"] = [size_of(state), "auto"]
             if not settings.auth_enabled:
                 drop_security(schema)
             app.openapi_schema = schema

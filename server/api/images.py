@@ -55,27 +55,31 @@ def fit(image: Image.Image, size: tuple[int, int], resample: Image.Resampling) -
 
 def picture(field: str, data: bytes, shape: tuple[int, int, int]) -> Picture:
     """`data` (an upload) as a Picture of `shape` = (C, H, W)."""
+    return as_picture(open_image(field, data), shape)
+
+
+def as_picture(image: Image.Image, shape: tuple[int, int, int]) -> Picture:
+    """An opened image as a Picture of `shape` = (C, H, W); for callers that also need its size or alpha."""
     channels, height, width = shape
-    image = fit(open_image(field, data).convert(MODES[channels]), (width, height), Image.Resampling.LANCZOS)
+    image = fit(image.convert(MODES[channels]), (width, height), Image.Resampling.LANCZOS)
     if channels == 1:
         return Picture(image.tobytes(), shape)
     planes = b"".join(band.tobytes() for band in image.split())  # HWC -> CHW
     return Picture(planes, shape)
 
 
-def keep_mask(field: str, data: bytes, image_field: str, image_data: bytes, shape: tuple[int, int, int]) -> bytes:
-    """One byte per model pixel: 1 where the input is kept, 0 where the mask is fully transparent."""
+def keep_mask(field: str, data: bytes, image_size: tuple[int, int], shape: tuple[int, int, int]) -> bytes:
+    """One byte per model pixel: 1 where the input is kept, 0 where the mask is fully transparent.
+    `image_size` is the input image's own (width, height), before it is fitted to the model."""
     mask = open_image(field, data)
-    image_size = open_image(image_field, image_data).size
     if mask.size != image_size:
         raise invalid(field, f"the mask is {mask.size[0]}x{mask.size[1]}, the image {image_size[0]}x{image_size[1]}; "
                              "they must be the same size")
     return alpha_keep(mask, shape)
 
 
-def own_alpha_keep(field: str, data: bytes, shape: tuple[int, int, int]) -> bytes:
+def own_alpha_keep(field: str, image: Image.Image, shape: tuple[int, int, int]) -> bytes:
     """OpenAI's rule without a mask: the image's own transparent pixels are the area to edit."""
-    image = open_image(field, data)
     if "A" not in image.getbands() and "transparency" not in image.info:
         raise invalid(field, "without a mask the image must have transparent pixels to regenerate")
     return alpha_keep(image, shape)

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.api.deps import Owner, ServerState, State
 from server.api.errors import ApiError, api_error_for
 from server.api.generate import result_unless_disconnected
-from server.api.images import MAX_UPLOAD_BYTES, keep_mask, own_alpha_keep, picture
-from server.api.schemas import ErrorResponse, JsonInt, bounds
+from server.api.images import MAX_UPLOAD_BYTES, as_picture, keep_mask, open_image, own_alpha_keep, picture
+from server.api.schemas import ETA_ONLY_WITH_DDIM, ErrorResponse, JsonInt, bounds
 from server.contract import (Done, EngineError, Frame, GeneratedImage, GenerationSpec, InvalidSpec, SamplerName,
                              ValidSpec)
 from server.contract.events import Failed
@@ -47,16 +47,34 @@ STREAMING = {200: {"content": {"application/json": {}, "text/event-stream": {}},
 MAX_UPLOAD_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + 64 * 1024  # an image, a mask and the form fields
 
 
+# check_options' cross-field rule, stated in the schema: partial_images only with stream: true
+# (stream is false when absent).
+PARTIAL_IMAGES_ONLY_WHEN_STREAMING = {
+    "if": {"properties": {"stream": {"const": False}}},
+    "then": {"properties": {"partial_images": {"const": 0}}},
+}
+
+
+def cross_field_rules(schema: dict, model: type[BaseModel]) -> None:
+    """The rules a body must keep beyond each field's own type and range, in `model`'s schema, so
+    that it admits only what the server accepts."""
+    rules = [ETA_ONLY_WITH_DDIM]
+    if issubclass(model, StreamOptions):
+        rules.append(PARTIAL_IMAGES_ONLY_WHEN_STREAMING)
+    schema["allOf"] = rules
+
+
 class ImageOptions(BaseModel):
     """What the three routes share: OpenAI's fields, then ours (the SDK's extra_body)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=cross_field_rules)
 
     prompt: str | None = Field(None, description="accepted and ignored: the model is unconditional")
     model: str | None = Field(None, description="accepted; this server serves one model")
     n: JsonInt = Field(1, json_schema_extra=bounds(1))
     size: str | None = Field(None, description='the model\'s size, e.g. "28x28", or "auto"')
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    # "url" is parsed so that its refusal can say why; the schema offers only what is served.
+    response_format: Literal["b64_json", "url"] = Field("b64_json", json_schema_extra={"enum": ["b64_json"]})
     output_format: Literal["png"] = "png"
     user: str | None = None
     quality: str | None = None
@@ -115,10 +133,10 @@ async def variations(form: Annotated[VariationsForm, Form()], request: Request, 
 async def edits(form: Annotated[EditsForm, Form()], request: Request, state: State, owner: Owner) -> Response:
     """OpenAI's images.edit: inpainting, the transparent area regenerated."""
     shape = model_shape(state)
-    image = await form.image.read()
-    keep = (keep_mask("mask", await form.mask.read(), "image", image, shape) if form.mask is not None
+    image = open_image("image", await form.image.read())
+    keep = (keep_mask("mask", await form.mask.read(), image.size, shape) if form.mask is not None
             else own_alpha_keep("image", image, shape))
-    source = Source("inpaint", picture("image", image, shape), keep=keep)
+    source = Source("inpaint", as_picture(image, shape), keep=keep)
     return await run(state, request, form, owner, source, "image_edit")
 
 
@@ -131,18 +149,20 @@ def model_shape(state: ServerState) -> tuple[int, int, int]:
 async def run(state: ServerState, request: Request, options: ImageOptions, owner: str | None,
               source: Source | None, stream_prefix: str | None) -> Response:
     check_options(state, options)
-    partial_images = options.partial_images if isinstance(options, StreamOptions) and options.stream else 0
+    streaming = isinstance(options, StreamOptions) and options.stream
+    partial_images = options.partial_images if streaming else 0
     spec = state.accept(GenerationSpec(
         n=options.n, steps=options.steps, sampler=options.sampler, eta=options.eta, seed=options.seed,
         owner=owner, source=source, **previews(partial_images, options.steps or state.limits.num_timesteps)))
-    headers = {"X-DDPM-Ignored": ", ".join(options.ignored())} if options.ignored() else {}
-    if isinstance(options, StreamOptions) and options.stream and stream_prefix is not None:
+    ignored = options.ignored()
+    headers = {"X-DDPM-Ignored": ", ".join(ignored)} if ignored else {}
+    if streaming and stream_prefix is not None:
         events = sse_events(state, spec, owner, stream_prefix, partial_images, size_of(state))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     with state.slots.hold(owner):
         handle = state.engine.submit(spec)
         done = await result_unless_disconnected(handle, request)
-    return Response(json.dumps(images_response(done, options, size_of(state))), media_type="application/json",
+    return Response(json.dumps(images_response(done, ignored, size_of(state))), media_type="application/json",
                     headers={**headers, "X-Request-Id": done.id})
 
 
@@ -168,7 +188,7 @@ def previews(partial_images: int, steps: int) -> dict:
     return {"preview_every": max(1, math.ceil(steps / (partial_images + 1))), "preview_kinds": ("x0",)}
 
 
-def images_response(done: Done, options: ImageOptions, size: str) -> dict:
+def images_response(done: Done, ignored: list[str], size: str) -> dict:
     return {
         "created": done.created,
         "data": [image_data(image) for image in done.images],
@@ -176,7 +196,7 @@ def images_response(done: Done, options: ImageOptions, size: str) -> dict:
         "size": size,
         "id": done.id,
         "seed": done.seed,
-        "ignored": options.ignored(),
+        "ignored": ignored,
     }
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from server.contract import MAX_SEED, Done, FrameKind, GenerationSpec, SamplerName
 from server.api.errors import ApiError
-from server.api.images import keep_mask, picture
+from server.api.images import as_picture, keep_mask, open_image, picture
 from server.contract.sources import DEFAULT_INTERPOLATION_T, DEFAULT_STRENGTH, OPERATIONS, Source
 from server.contract.spec import ETA_RANGE
 
@@ -83,12 +83,12 @@ class GenerateRequest(BaseModel):
             return None
         if image_shape is None:
             raise ApiError(422, "invalid_request", "operation: this server's engine takes no input images")
-        image = required(self, "image")
+        image = open_image("image", required(self, "image"))
         return Source(
             operation=self.operation,
-            image=picture("image", image, image_shape),
+            image=as_picture(image, image_shape),
             strength=self.strength,
-            keep=keep_mask("mask", required(self, "mask"), "image", image, image_shape)
+            keep=keep_mask("mask", required(self, "mask"), image.size, image_shape)
             if self.operation == "inpaint" else None,
             other=picture("image2", required(self, "image2"), image_shape) if self.operation == "interpolate" else None,
             lambdas=tuple(required_list(self, "lambdas", "interpolate")),

@@ -74,18 +74,13 @@ def test_page_shows_the_model_once_the_key_is_given(page):
 
 
 def test_generate_shows_live_frames_then_downloadable_images(page, tmp_path):
-    page.fill("#n", "2")
-    page.fill("#steps", "20")
-    page.fill("#seed", "5")
-    page.fill("#preview-every", "2")
     page.evaluate("""() => {  // count the preview captions the page writes
         window.previews = 0;
         new MutationObserver((changes) => {
             window.previews += changes.filter((c) => /at step/.test(c.target.textContent)).length;
         }).observe(document.querySelector("#gallery"), { subtree: true, childList: true });
     }""")
-    page.click("#generate")
-    page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+    run_to_done(page, n=2, steps=20, seed="5", preview_every=2)
     assert page.evaluate("window.previews") > 2  # previews arrived before the final images
     images = page.locator("#gallery .cell img")
     assert images.count() == 2
@@ -123,13 +118,16 @@ def base64url(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
 
 
-def run_to_done(page, n: int, steps: int, seed: str = "", preview_every: int = 0) -> None:
-    page.fill("#n", str(n))
-    page.fill("#steps", str(steps))
-    page.fill("#seed", seed)
-    page.fill("#preview-every", str(preview_every))
+def run_to_done(page, n: int, steps: int, seed: str = "", preview_every: int = 0, **more) -> dict:
+    """Fills the form (`more` by input id, interp_t for #interp-t), generates, waits for the
+    images and returns the request the page sent."""
+    fields = {"n": n, "steps": steps, "seed": seed, "preview-every": preview_every,
+              **{name.replace("_", "-"): value for name, value in more.items()}}
+    for name, value in fields.items():
+        page.fill(f"#{name}", str(value))
     page.click("#generate")
     page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+    return json.loads(page.evaluate("window.sockets.at(-1).sent[0]"))
 
 
 def captions(page) -> list[str]:
@@ -147,8 +145,7 @@ def test_the_key_travels_as_a_subprotocol_never_in_the_url(page):
 
 
 def test_a_typed_seed_above_2_53_survives_the_page(page, server):
-    run_to_done(page, n=2, steps=3, seed=str(BIG_SEED))
-    sent = json.loads(page.evaluate("window.sockets.at(-1).sent[0]"))
+    sent = run_to_done(page, n=2, steps=3, seed=str(BIG_SEED))
     assert sent["seed"] == BIG_SEED  # the digits as typed, not a rounded double
     assert f"request seed {BIG_SEED}" in page.locator("#status").inner_text()
     with DDPMClient(server.url, api_key=KEY) as client:
@@ -259,37 +256,31 @@ def digit_png(tmp_path, name: str, transpose: bool = False):
     return path
 
 
+def choose_images(page, mode: str, **files) -> None:
+    """The page in image `mode` with each file (image=, image2=: by input) loaded and drawn."""
+    page.select_option("#mode", mode)
+    for name, path in files.items():
+        page.set_input_files(f"#file-{name}", str(path))
+        page.wait_for_function(f"document.querySelector('#canvas-{name}').width === 28")
+
+
 def test_inpaint_mode_paints_a_mask_and_keeps_the_rest_of_the_image(page, tmp_path):
-    page.select_option("#mode", "inpaint")
-    page.set_input_files("#file-image", str(digit_png(tmp_path, "digit.png")))
-    page.wait_for_function("document.querySelector('#canvas-image').width === 28")
+    choose_images(page, "inpaint", image=digit_png(tmp_path, "digit.png"))
     canvas = page.locator("#canvas-image").bounding_box()
     page.mouse.move(canvas["x"] + 20, canvas["y"] + 20)
     page.mouse.down()
     page.mouse.move(canvas["x"] + 60, canvas["y"] + 40)
     page.mouse.up()
-    page.fill("#n", "1")
-    page.fill("#steps", "10")
-    page.fill("#preview-every", "2")
-    page.click("#generate")
-    page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
-    sent = json.loads(page.evaluate("window.sockets.at(-1).sent[0]"))
+    sent = run_to_done(page, n=1, steps=10, preview_every=2)
     assert sent["operation"] == "inpaint" and sent["image"] and sent["mask"]
     done = json.loads(page.evaluate("window.sockets.at(-1).received.at(-1)"))
     assert done["type"] == "done" and len(done["data"]) == 1
 
 
 def test_interpolate_mode_shows_a_strip(page, tmp_path):
-    page.select_option("#mode", "interpolate")
-    page.set_input_files("#file-image", str(digit_png(tmp_path, "a.png")))
-    page.set_input_files("#file-image2", str(digit_png(tmp_path, "b.png", transpose=True)))
-    page.wait_for_function("document.querySelector('#canvas-image2').width === 28")
-    page.fill("#n", "3")
-    page.fill("#steps", "10")
-    page.fill("#interp-t", "20")
-    page.click("#generate")
-    page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
-    sent = json.loads(page.evaluate("window.sockets.at(-1).sent[0]"))
+    choose_images(page, "interpolate", image=digit_png(tmp_path, "a.png"),
+                  image2=digit_png(tmp_path, "b.png", transpose=True))
+    sent = run_to_done(page, n=3, steps=10, preview_every=5, interp_t=20)  # 5: the page's default cadence
     assert sent["lambdas"] == [0, 0.5, 1] and sent["t"] == 20
     assert page.locator("#gallery .cell img").count() == 3
 
