@@ -132,7 +132,7 @@ class DDPMClient:
                  seed: int | None = None, **image_to_image: Any) -> list[GeneratedImage]:
         """Wait for n images (POST /generate). image_to_image: operation ("variation", "inpaint",
         "interpolate", "reconstruct"), image, mask, image2 (bytes of image files), strength, lambdas,
-        t, timesteps, as the README's image-to-image table."""
+        t, timesteps, jump_length, jump_n_sample, as the README's image-to-image table."""
         body = request_body(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed, **image_fields(**image_to_image))
         return decode_images(self.call("POST", "/generate", json=body)["data"])
 
@@ -215,11 +215,13 @@ def request_body(**fields: Any) -> dict[str, Any]:
 
 def image_fields(operation: str | None = None, image: bytes | None = None, mask: bytes | None = None,
                  image2: bytes | None = None, strength: float | None = None, lambdas: list[float] | None = None,
-                 t: int | None = None, timesteps: list[int] | None = None) -> dict[str, Any]:
+                 t: int | None = None, timesteps: list[int] | None = None, jump_length: int | None = None,
+                 jump_n_sample: int | None = None) -> dict[str, Any]:
     """The image-to-image part of a request body: image files as base64."""
     files = {name: base64.b64encode(data).decode("ascii") for name, data in
              (("image", image), ("mask", mask), ("image2", image2)) if data is not None}
-    return request_body(operation=operation, strength=strength, lambdas=lambdas, t=t, timesteps=timesteps, **files)
+    return request_body(operation=operation, strength=strength, lambdas=lambdas, t=t, timesteps=timesteps,
+                        jump_length=jump_length, jump_n_sample=jump_n_sample, **files)
 
 
 def decode_images(data: list[dict[str, Any]]) -> list[GeneratedImage]:
@@ -245,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lambdas", type=numbers(float), help="interpolate: e.g. 0,0.25,0.5,0.75,1")
     parser.add_argument("--t", type=int, help="interpolate: the t to encode at (default 500)")
     parser.add_argument("--timesteps", type=numbers(int), help="reconstruct: e.g. 250,500,750")
+    parser.add_argument("--jump-length", type=int, help="inpaint: RePaint's jump length (default 10)")
+    parser.add_argument("--jump-n-sample", type=int,
+                        help="inpaint: RePaint's resamplings per jump (default 1: none; r multiplies the steps)")
     parser.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -277,7 +282,8 @@ def numbers(kind: type) -> Any:
 def image_options(args: argparse.Namespace) -> dict[str, Any]:
     files = {name: getattr(args, name).read_bytes() for name in ("image", "mask", "image2") if getattr(args, name)}
     return {"operation": args.operation, "strength": args.strength, "lambdas": args.lambdas, "t": args.t,
-            "timesteps": args.timesteps, **files}
+            "timesteps": args.timesteps, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample,
+            **files}
 
 
 def one_line(text: str) -> str:

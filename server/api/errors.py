@@ -19,7 +19,7 @@ from server.jobs import JobNotFound, StoreError, TooManyJobs
 
 # Why a generation ended without images -> HTTP status. 499: the client closed the request (nginx).
 FAILURE_STATUS = {"cancelled": 499, "timeout": 504, "shutdown": 503, "out_of_memory": 503, "device_error": 503,
-                  "internal": 500}
+                  "replica_lost": 503, "internal": 500}
 
 
 class ApiError(Exception):

@@ -8,7 +8,8 @@ OpenAI's field names and response shape (`created`, `data[].b64_json`); the API 
 `Authorization: Bearer`. The model is unconditional: `prompt` is accepted and ignored, and the
 response says so (`revised_prompt` is empty, `ignored` names it). Options with no meaning here
 (quality, style, background, ...) are accepted and reported as ignored too. Extra fields
-through the SDK's `extra_body`: seed, steps, sampler, eta, strength. `size` must be the model's
+through the SDK's `extra_body`: seed, steps, sampler, eta, strength (variations), jump_length and
+jump_n_sample (edits: RePaint's resampling). `size` must be the model's
 (or "auto"); `response_format: url` is refused, as this server keeps no files to link to.
 `stream: true` (generations and edits) answers with OpenAI's server-sent events, the partial
 images being our x0 previews.
@@ -30,11 +31,18 @@ from server.api.deps import Owner, ServerState, State
 from server.api.errors import ApiError, api_error_for
 from server.api.generate import result_unless_disconnected
 from server.api.images import MAX_UPLOAD_BYTES, as_picture, keep_mask, open_image, own_alpha_keep, picture
-from server.api.schemas import ETA_ONLY_WITH_DDIM, ErrorResponse, JsonInt, bounds
+from server.api.schemas import (
+    ETA_ONLY_WITH_DDIM,
+    JUMP_LENGTH_DESCRIPTION,
+    JUMP_N_SAMPLE_DESCRIPTION,
+    ErrorResponse,
+    JsonInt,
+    bounds,
+)
 from server.contract import (Done, EngineError, Frame, GeneratedImage, GenerationSpec, InvalidSpec, SamplerName,
                              ValidSpec)
 from server.contract.events import Failed
-from server.contract.sources import DEFAULT_STRENGTH, Source
+from server.contract.sources import DEFAULT_JUMP_LENGTH, DEFAULT_STRENGTH, Source
 from server.contract.spec import ETA_RANGE, MAX_SEED
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -112,6 +120,8 @@ class EditsForm(ImageOptions, StreamOptions):
     image: UploadFile
     mask: UploadFile | None = Field(None, description="PNG of the image's size; alpha 0 = regenerate. "
                                                       "Without it, the image's own transparent pixels")
+    jump_length: JsonInt = Field(DEFAULT_JUMP_LENGTH, ge=1, description=JUMP_LENGTH_DESCRIPTION)
+    jump_n_sample: JsonInt = Field(1, ge=1, description=JUMP_N_SAMPLE_DESCRIPTION)
 
 
 @router.post("/images/generations", responses={**ERRORS, **STREAMING})
@@ -136,7 +146,8 @@ async def edits(form: Annotated[EditsForm, Form()], request: Request, state: Sta
     image = open_image("image", await form.image.read())
     keep = (keep_mask("mask", await form.mask.read(), image.size, shape) if form.mask is not None
             else own_alpha_keep("image", image, shape))
-    source = Source("inpaint", as_picture(image, shape), keep=keep)
+    source = Source("inpaint", as_picture(image, shape), keep=keep, jump_length=form.jump_length,
+                    jump_n_sample=form.jump_n_sample)
     return await run(state, request, form, owner, source, "image_edit")
 
 

@@ -15,7 +15,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from server.contract import MAX_SEED, Done, FrameKind, GenerationSpec, SamplerName
 from server.api.errors import ApiError
 from server.api.images import as_picture, keep_mask, open_image, picture
-from server.contract.sources import DEFAULT_INTERPOLATION_T, DEFAULT_STRENGTH, OPERATIONS, Source
+from server.contract.sources import (
+    DEFAULT_INTERPOLATION_T,
+    DEFAULT_JUMP_LENGTH,
+    DEFAULT_STRENGTH,
+    MAX_RESAMPLING,
+    OPERATIONS,
+    Source,
+)
 from server.contract.spec import ETA_RANGE
 
 
@@ -38,6 +45,13 @@ ETA_ONLY_WITH_DDIM = {
     "if": {"properties": {"sampler": {"not": {"const": "ddim"}}}},
     "then": {"properties": {"eta": {"const": 0}}},
 }
+
+
+JUMP_LENGTH_DESCRIPTION = "inpaint: RePaint's jump length j in steps, 1..T (with jump_n_sample > 1)"
+JUMP_N_SAMPLE_DESCRIPTION = (
+    "inpaint: RePaint's resampling r, each stretch of jump_length steps denoised r times (1: none; ddpm and ddim "
+    f"only). It multiplies the U-Net calls, at most {MAX_RESAMPLING} x T per image"
+)
 
 
 class GenerateRequest(BaseModel):
@@ -68,6 +82,8 @@ class GenerateRequest(BaseModel):
     t: JsonInt = Field(DEFAULT_INTERPOLATION_T, ge=1,
                        description="interpolate: the paper's t to encode both images at (1..T)")
     timesteps: list[JsonInt] | None = Field(None, description="reconstruct: one image per t in 1..T")
+    jump_length: JsonInt = Field(DEFAULT_JUMP_LENGTH, ge=1, description=JUMP_LENGTH_DESCRIPTION)
+    jump_n_sample: JsonInt = Field(1, ge=1, description=JUMP_N_SAMPLE_DESCRIPTION)
 
     def to_spec(self, owner: str | None, default_preview_every: int = 0,
                 image_shape: tuple[int, int, int] | None = None) -> GenerationSpec:
@@ -94,6 +110,8 @@ class GenerateRequest(BaseModel):
             lambdas=tuple(required_list(self, "lambdas", "interpolate")),
             t=self.t,
             timesteps=tuple(required_list(self, "timesteps", "reconstruct")),
+            jump_length=self.jump_length,
+            jump_n_sample=self.jump_n_sample,
         )
 
     def previews(self, default_preview_every: int) -> dict:

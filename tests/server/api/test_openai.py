@@ -75,6 +75,24 @@ def test_edit_takes_the_masks_transparent_pixels(sdk):
     assert rows[0] == bytes([0] * 4 + [1] * 4) and rows[-1] == bytes([1] * WIDTH)
 
 
+def test_edit_takes_repaints_resampling(sdk):
+    client, engine = sdk
+    client.images.edit(image=("in.png", png()), mask=("mask.png", mask_png()), prompt="x",
+                       extra_body={"jump_length": 5, "jump_n_sample": 3})
+    source = last_spec(engine).source
+    assert (source.jump_length, source.jump_n_sample) == (5, 3)
+
+
+def test_generate_takes_repaints_resampling_for_inpainting(served):
+    rest, rest_engine = served
+    body = {"operation": "inpaint", "image": base64.b64encode(png()).decode(),
+            "mask": base64.b64encode(mask_png()).decode()}
+    assert rest.post("/generate", json={**body, "jump_n_sample": 2}).status_code == 200
+    assert last_spec(rest_engine).source.jump_n_sample == 2 and last_spec(rest_engine).source.jump_length == 10
+    response = rest.post("/generate", json={**body, "jump_n_sample": 0})
+    assert response.status_code == 422 and "jump_n_sample" in response.json()["error"]["message"]
+
+
 def test_edit_without_mask_uses_the_images_own_transparency(sdk):
     client, engine = sdk
     image = Image.new("RGBA", (WIDTH, HEIGHT), (255, 255, 255, 255))
