@@ -5,7 +5,9 @@
 
 Runs the same engine with a full batch of plain lanes, then the same batch half plain and half
 inpainting (which adds no U-Net call: its known pixels are re-encoded after every step), and a
-variation at strength 0.5 (which runs half the steps). Prints seconds per U-Net call for each
+variation at strength 0.5 (which runs half the steps; also with dpmpp_2m, whose lanes start at
+first order), and inpainting with RePaint's resampling (about 3x the calls, plus a noising per
+jump). Prints seconds per U-Net call for each
 mix, so the extra cost of a lane kind shows as the ratio to plain; the goal is no more cost than
 the U-Net calls a kind adds. Alternating repeats in one process; read the ratios.
 """
@@ -44,6 +46,11 @@ def mixes(shape: tuple[int, int, int], batch: int, steps: int) -> dict[str, list
                          GenerationSpec(n=batch - half, steps=steps, seed=2, source=inpaint)],
         "all inpaint": [GenerationSpec(n=batch, steps=steps, seed=2, source=inpaint)],
         "variation 0.5": [GenerationSpec(n=batch, steps=steps, seed=3, source=Source("variation", digit(shape), 0.5))],
+        "variation 0.5 dpmpp_2m": [GenerationSpec(n=batch, steps=steps, sampler="dpmpp_2m", seed=3,
+                                                  source=Source("variation", digit(shape), 0.5))],
+        "inpaint, RePaint j=5 r=3": [GenerationSpec(n=batch, steps=steps, seed=2,
+                                                    source=Source("inpaint", digit(shape), keep=keep.tobytes(),
+                                                                  jump_length=5, jump_n_sample=3))],
     }
 
 
@@ -81,10 +88,10 @@ def main() -> None:
     plain = statistics.median(times["plain"])
     print(f"{args.model}, batch {args.batch}, {args.steps} ddpm steps, {args.threads} thread(s), "
           f"median of {args.repeats}; torch {torch.__version__}")
-    print(f"{'mix':<16}{'ms per U-Net call':>20}{'vs plain':>10}")
+    print(f"{'mix':<26}{'ms per U-Net call':>20}{'vs plain':>10}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<16}{median * 1e3:>20.1f}{median / plain:>10.3f}")
+        print(f"{name:<26}{median * 1e3:>20.1f}{median / plain:>10.3f}")
 
 
 if __name__ == "__main__":
