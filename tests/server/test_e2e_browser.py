@@ -271,10 +271,12 @@ def test_inpaint_mode_paints_a_mask_and_keeps_the_rest_of_the_image(page, tmp_pa
     page.mouse.down()
     page.mouse.move(canvas["x"] + 60, canvas["y"] + 40)
     page.mouse.up()
-    sent = run_to_done(page, n=1, steps=10, preview_every=2)
+    sent = run_to_done(page, n=1, steps=10, preview_every=2, jump_n_sample=2, jump_length=3)
     assert sent["operation"] == "inpaint" and sent["image"] and sent["mask"]
-    done = json.loads(page.evaluate("window.sockets.at(-1).received.at(-1)"))
-    assert done["type"] == "done" and len(done["data"]) == 1
+    assert (sent["jump_n_sample"], sent["jump_length"]) == (2, 3)
+    received = [json.loads(text) for text in page.evaluate("window.sockets.at(-1).received")]
+    assert received[-1]["type"] == "done" and len(received[-1]["data"]) == 1
+    assert {event["total"] for event in received if event["type"] == "progress"} == {19}  # RePaint's U-Net calls
 
 
 def test_interpolate_mode_shows_a_strip(page, tmp_path):
