@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="server URL (env DDPM_URL)")
     parser.add_argument("--api-key", default=os.environ.get("DDPM_API_KEY"), help="API key (env DDPM_API_KEY)")
     parser.add_argument("-n", type=int, default=1, help="images")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's T)")
+    parser.add_argument("--steps", type=int,
+                        help="denoising steps (default: the model's T for ddpm and ddim, fewer for the solvers)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
                         help="ddpm (the paper's), ddim, dpmpp_2m (DPM-Solver++, 10-20 steps), dpmpp_2m_sde, unipc")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0..1 (ddim only)")

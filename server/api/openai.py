@@ -43,7 +43,7 @@ from server.contract import (Done, EngineError, Frame, GeneratedImage, Generatio
                              ValidSpec)
 from server.contract.events import Failed
 from server.contract.sources import DEFAULT_JUMP_LENGTH, DEFAULT_STRENGTH, Source
-from server.contract.spec import ETA_RANGE, MAX_SEED
+from server.contract.spec import ETA_RANGE, MAX_SEED, default_steps
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
@@ -164,7 +164,8 @@ async def run(state: ServerState, request: Request, options: ImageOptions, owner
     partial_images = options.partial_images if streaming else 0
     spec = state.accept(GenerationSpec(
         n=options.n, steps=options.steps, sampler=options.sampler, eta=options.eta, seed=options.seed,
-        owner=owner, source=source, **previews(partial_images, options.steps or state.limits.num_timesteps)))
+        owner=owner, source=source,
+        **previews(partial_images, options.steps or default_steps(options.sampler, state.limits.num_timesteps))))
     ignored = options.ignored()
     headers = {"X-DDPM-Ignored": ", ".join(ignored)} if ignored else {}
     if streaming and stream_prefix is not None:

@@ -23,7 +23,7 @@ from server.contract.sources import (
     OPERATIONS,
     Source,
 )
-from server.contract.spec import ETA_RANGE
+from server.contract.spec import ETA_RANGE, SOLVER_DEFAULT_STEPS
 
 
 def whole_number(value: object) -> object:
@@ -62,7 +62,8 @@ class GenerateRequest(BaseModel):
     n: JsonInt = Field(GenerationSpec.n, json_schema_extra=bounds(1),
                    description="images (at most the model's max_images_per_request)")
     steps: JsonInt | None = Field(GenerationSpec.steps, json_schema_extra=bounds(1),
-                              description="denoising steps, 1..T; default T (the paper's 1000)")
+                              description="denoising steps, 1..T; default T (the paper's 1000) for ddpm and ddim, "
+                                          + ", ".join(f"{steps} for {name}" for name, steps in SOLVER_DEFAULT_STEPS.items()))
     sampler: SamplerName = Field(GenerationSpec.sampler, description="ddpm (ancestral, the paper's), ddim, dpmpp_2m "
                                  "(DPM-Solver++(2M): near-full quality in 10-20 steps), dpmpp_2m_sde or unipc")
     eta: float = Field(GenerationSpec.eta, json_schema_extra=bounds(*ETA_RANGE),

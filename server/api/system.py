@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import State, authenticate
 from server.api.schemas import ErrorResponse
-from server.contract import GenerationSpec
+from server.contract import SAMPLER_NAMES, GenerationSpec, default_steps
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 
@@ -58,7 +58,9 @@ async def models(state: State) -> dict:
             "max_concurrent_per_key": settings.max_concurrent_per_key if settings.auth_enabled else None,
             "max_body_bytes": settings.max_body_bytes,
         },
-        "defaults": {"n": GenerationSpec.n, "sampler": GenerationSpec.sampler, "steps": info.num_timesteps,
+        "defaults": {"n": GenerationSpec.n, "sampler": GenerationSpec.sampler,
+                     "steps": default_steps(GenerationSpec.sampler, info.num_timesteps),
+                     "steps_by_sampler": {name: default_steps(name, info.num_timesteps) for name in SAMPLER_NAMES},
                      "eta": GenerationSpec.eta, "preview_every": settings.default_preview_every},
         "auth_required": settings.auth_enabled,
     }

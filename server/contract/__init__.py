@@ -36,6 +36,7 @@ from .spec import (
     RequestLimits,
     SamplerName,
     ValidSpec,
+    default_steps,
     validate,
 )
 
@@ -74,6 +75,7 @@ __all__ = [
     "SamplerName",
     "Started",
     "ValidSpec",
+    "default_steps",
     "event_json",
     "validate",
 ]

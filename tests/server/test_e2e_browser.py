@@ -279,6 +279,14 @@ def test_inpaint_mode_paints_a_mask_and_keeps_the_rest_of_the_image(page, tmp_pa
     assert {event["total"] for event in received if event["type"] == "progress"} == {19}  # RePaint's U-Net calls
 
 
+def test_choosing_a_solver_fills_in_its_default_steps(page):
+    page.wait_for_function("Object.keys(stepsBySampler).length > 0")
+    page.select_option("#sampler", "dpmpp_2m")
+    assert page.input_value("#steps") == "20"
+    page.select_option("#sampler", "ddpm")
+    assert page.input_value("#steps") == "50"  # the tiny model's T, below the page's 100
+
+
 def test_interpolate_mode_shows_a_strip(page, tmp_path):
     choose_images(page, "interpolate", image=digit_png(tmp_path, "a.png"),
                   image2=digit_png(tmp_path, "b.png", transpose=True))

@@ -26,7 +26,14 @@ def test_returns_openai_shaped_images_with_seeds(client):
 def test_defaults_are_one_image_and_the_models_T(served):
     client, engine = served
     body = client.post("/generate", json={}).json()
-    assert len(body["data"]) == 1
+    assert len(body["data"]) == 1 and engine.submitted[-1].steps == 50
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 50), ("dpmpp_2m", 20), ("unipc", 20), ("dpmpp_2m_sde", 50)])
+def test_the_solvers_default_to_their_own_few_steps(served, sampler, steps):
+    client, engine = served
+    assert client.post("/generate", json={"sampler": sampler}).status_code == 200
+    assert engine.submitted[-1].steps == steps
 
 
 def test_accept_png_returns_the_bytes(client):

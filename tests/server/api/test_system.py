@@ -68,6 +68,8 @@ def test_models_describes_the_served_model_and_limits(client):
     assert body["num_timesteps"] == 50 and body["samplers"] == ["ddim", "ddpm"]
     assert body["limits"]["max_images_per_request"] == 16 and body["limits"]["max_steps"] == 50
     assert body["defaults"]["steps"] == 50 and body["auth_required"] is False
+    assert body["defaults"]["steps_by_sampler"] == {"ddpm": 50, "ddim": 50, "dpmpp_2m": 20, "dpmpp_2m_sde": 50,
+                                                    "unipc": 20}
 
 
 def test_openapi_documents_every_route(client):
