@@ -11,6 +11,8 @@
 # BASE_IMAGE, TORCH_SPEC, TORCH_INDEX_URL: passed to the build, as docker-compose.yml does.
 # Needs Docker with compose (v2 plugin or docker-compose v1) and python3 on the host.
 set -euo pipefail
+# shellcheck source=docker/smoke-lib.sh
+source "$(dirname "$0")/smoke-lib.sh"
 cd "$(dirname "$0")/.."
 
 export DDPM_HOST_PORT=${SMOKE_PORT:-18000}
@@ -19,51 +21,8 @@ export DDPM_IMAGE_TAG=${DDPM_IMAGE_TAG:-smoke}
 READY_TIMEOUT=${SMOKE_READY_TIMEOUT:-180}
 PROJECT=ddpm-smoke-$$
 
-if docker compose version >/dev/null 2>&1; then
-  COMPOSE=(docker compose)
-elif command -v docker-compose >/dev/null; then
-  COMPOSE=(docker-compose)
-else
-  echo "smoke-test: neither 'docker compose' nor 'docker-compose' is available" >&2
-  exit 2
-fi
-compose() { "${COMPOSE[@]}" -p "$PROJECT" "$@"; }
-
-SUMMARY=()
-CURRENT=""
-started_at=$SECONDS
-
-step() {  # step NAME: print a header and remember the name for the summary
-  CURRENT=$1
-  STEP_STARTED=$SECONDS
-  echo "==> $CURRENT" >&2
-}
-
-passed() {
-  SUMMARY+=("PASS  $(printf '%4ss' $((SECONDS - STEP_STARTED)))  $CURRENT${1:+  ($1)}")
-  CURRENT=""
-}
-
-teardown() {
-  local status=$?
-  if [ -n "$CURRENT" ]; then
-    SUMMARY+=("FAIL  $(printf '%4ss' $((SECONDS - STEP_STARTED)))  $CURRENT")
-    echo "--- server logs (last 60 lines) ---" >&2
-    compose logs --no-color --tail 60 server >&2 || true
-  fi
-  compose down --volumes --remove-orphans --timeout 30 >/dev/null 2>&1 || true
-  echo
-  echo "smoke-test summary (${COMPOSE[*]}, port $DDPM_HOST_PORT, ${BASE_IMAGE:-python:3.11-slim}):"
-  printf '  %s\n' "${SUMMARY[@]}"
-  if [ "$status" -eq 0 ]; then
-    echo "smoke-test: OK in $((SECONDS - started_at))s"
-  else
-    echo "smoke-test: FAILED (exit $status) in $((SECONDS - started_at))s"
-  fi
-  exit "$status"
-}
-trap teardown EXIT
-trap 'exit 130' INT TERM
+smoke_logs() { print_logs server 60 "server logs (last 60 lines)"; }
+smoke_init smoke-test "$DDPM_HOST_PORT" 30
 
 step "compose config"
 compose config -q
@@ -71,7 +30,7 @@ passed
 
 step "build image ddpm-serve:$DDPM_IMAGE_TAG"
 compose build server >&2
-passed "$(docker image inspect --format '{{.Size}}' "ddpm-serve:$DDPM_IMAGE_TAG" | awk '{printf "%.0f MB", $1/1e6}')"
+passed "$(image_size "ddpm-serve:$DDPM_IMAGE_TAG")"
 
 step "start the server"
 compose up -d server >&2
@@ -79,26 +38,7 @@ CONTAINER=$(compose ps -q server)
 passed
 
 step "GET /readyz on the published port"
-python3 - "$DDPM_HOST_PORT" "$READY_TIMEOUT" "$CONTAINER" <<'PY'
-import subprocess, sys, time, urllib.error, urllib.request
-
-port, timeout, container = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-deadline = time.monotonic() + timeout
-while True:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
-            if response.status == 200:
-                break
-    except (urllib.error.URLError, ConnectionError, OSError):
-        pass
-    state = subprocess.run(["docker", "inspect", "--format", "{{.State.Status}}", container],
-                           capture_output=True, text=True).stdout.strip()
-    if state in ("exited", "dead"):
-        sys.exit(f"the server container {state} before it was ready")
-    if time.monotonic() > deadline:
-        sys.exit(f"/readyz did not answer 200 within {timeout:.0f}s")
-    time.sleep(1)
-PY
+wait_ready "$DDPM_HOST_PORT" "$READY_TIMEOUT" "$CONTAINER" server
 passed
 
 step "container runs as non-root, weights mounted read-only"
@@ -169,11 +109,7 @@ PY
 passed "$checks"
 
 step "Docker health check reports healthy"
-deadline=$((SECONDS + READY_TIMEOUT))
-until [ "$(docker inspect --format '{{.State.Health.Status}}' "$CONTAINER")" = healthy ]; do
-  [ $SECONDS -lt $deadline ] || { echo "the container never became healthy" >&2; exit 1; }
-  sleep 2
-done
+wait_healthy "$CONTAINER" "$READY_TIMEOUT" "the container"
 passed
 
 step "graceful stop"

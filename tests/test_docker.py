@@ -1,9 +1,12 @@
 """The Docker image and compose stack.
 
-Static checks always run. `docker compose config` runs where a compose tool exists. The full
-build-and-serve smoke test (docker/smoke-test.sh, minutes) runs only with DDPM_DOCKER_TESTS=1
-and a Docker engine that answers; where no registry is reachable, point BASE_IMAGE at a local
-base image (see /work/shared/docker/local-base.sh).
+Static checks always run. `docker compose config` runs where a compose tool exists (the `ray`
+profile's services too). The full build-and-serve smoke tests (docker/smoke-test.sh, and
+docker/ray-smoke-test.sh for the `ray` profile: a Ray head and two worker containers; minutes
+each) run only with DDPM_DOCKER_TESTS=1 and a Docker engine that answers; where no registry is
+reachable, point BASE_IMAGE at a local base image (see /work/shared/docker/local-base.sh) and,
+where download.pytorch.org is unreachable too, TORCH_INDEX_URL at https://pypi.org/simple (the
+local base carries torch's CPU wheel).
 """
 
 from __future__ import annotations
@@ -91,11 +94,12 @@ def test_prometheus_scrapes_the_server_service():
     assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]
 
 
-def compose_config(*files: Path) -> str:
+def compose_config(*files: Path, profiles: tuple[str, ...] = ()) -> str:
     command = compose_command()
     if command is None:
         pytest.skip("no compose tool: neither `docker compose` nor `docker-compose` is installed")
     arguments = [part for path in files for part in ("-f", str(path))]
+    arguments += [part for profile in profiles for part in ("--profile", profile)]
     result = subprocess.run([*command, *arguments, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -111,6 +115,74 @@ def test_gpu_override_reserves_an_nvidia_gpu():
     config = compose_config(COMPOSE_FILE, GPU_OVERRIDE)
     assert re.search(r"driver: nvidia", config)
     assert re.search(r"- gpu\b", config)
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """{target: source} of a service's volumes, from either tool's `config` or the file itself."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+        else:
+            source, target = volume["source"], volume["target"]
+        found[target] = source
+    return found
+
+
+def flag(arguments: str, name: str) -> str:
+    """The value of `--name=value` or `--name value` in a command line."""
+    match = re.search(rf"--{name}[= ](\S+)", arguments)
+    assert match, f"--{name} is not in {arguments!r}"
+    return match.group(1)
+
+
+def size_in_bytes(text: str | int) -> int:
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", str(text).lower())
+    assert match, text
+    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2) or " ")
+
+
+def ray_services(text: str) -> tuple[dict, dict]:
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load(text)["services"]
+    assert {"ray-head", "ray-worker"} <= services.keys()
+    return services["ray-head"], services["ray-worker"]
+
+
+def test_ray_profile_config_is_valid():
+    """`docker compose --profile ray config`: the head and the workers, from one image with Ray."""
+    head, worker = ray_services(compose_config(COMPOSE_FILE, profiles=("ray",)))
+    assert head["build"]["args"]["EXTRAS"] == "ray"
+    # Both name the build, so neither tool tries to pull the image for the workers.
+    assert worker["image"] == head["image"] and worker["build"] == head["build"]
+    assert head["image"].endswith("-ray")
+    assert head["ports"], "the head publishes no port"
+    assert worker["deploy"]["replicas"] == 2
+    # One job store for every node: the ingress may be placed on a worker.
+    assert mounts(head)["/var/lib/ddpm"] == mounts(worker)["/var/lib/ddpm"]
+
+
+def test_ray_profile_head_and_workers_agree():
+    """The file itself: what the head starts must fit what the workers offer."""
+    head, worker = ray_services(COMPOSE_FILE.read_text())
+    head_command, worker_command = " ".join(head["command"]), " ".join(worker["entrypoint"])
+    # The head runs no replica: the replicas (1 CPU each) land one on each 1-CPU worker.
+    assert flag(head_command, "num-cpus") == "0"
+    assert flag(worker_command, "num-cpus") == "1"
+    assert "DDPM_TORCH_THREADS" not in head["environment"], "a replica would ask for more CPUs than a worker has"
+    assert int(flag(head_command, "replicas")) == worker["deploy"]["replicas"]
+    assert flag(worker_command, "address") == f"ray-head:{flag(head_command, 'port')}"
+    # Ray's object store lives in /dev/shm: each node's must fit, or Ray falls back to /tmp.
+    for service, command in ((head, head_command), (worker, worker_command)):
+        assert int(flag(command, "object-store-memory")) < size_in_bytes(service["shm_size"])
+    # The CPU torch build, as for the server: an empty index meant PyPI's multi-GB CUDA torch.
+    assert compose_default(head["build"]["args"]["TORCH_INDEX_URL"]) == CPU_INDEX
+    assert head["environment"]["DDPM_JOBS_DB"].startswith("sqlite:////var/lib/ddpm/")
+    assert mounts(head)["/var/lib/ddpm"] == mounts(worker)["/var/lib/ddpm"]
+    # The head's ddpm-serve takes the same DDPM_* settings as the server service.
+    assert "DDPM_API_KEYS" in head["environment"] and "DDPM_MAX_BATCH" in head["environment"]
+    # The head stops first (reverse start order): its replicas finish on live workers.
+    assert "ray-worker" in head["depends_on"]
 
 
 def compose_default(text: str) -> str:
@@ -176,14 +248,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.timeout(1800)
-def test_smoke_build_and_serve():
+def run_smoke_script(name: str, port_variable: str, what: str) -> None:
+    """Run docker/NAME.sh on a free port; skipped without DDPM_DOCKER_TESTS=1 or a Docker engine."""
     if os.environ.get("DDPM_DOCKER_TESTS") != "1":
-        pytest.skip("builds and runs the image for minutes: set DDPM_DOCKER_TESTS=1 to run it")
+        pytest.skip(f"builds and runs {what} for minutes: set DDPM_DOCKER_TESTS=1 to run it")
     if not docker_engine_answers():
         pytest.skip("no Docker engine answers `docker info`")
-    env = {**os.environ, "SMOKE_PORT": str(free_port())}
-    result = subprocess.run([str(ROOT / "docker" / "smoke-test.sh")], cwd=ROOT, env=env,
+    env = {**os.environ, port_variable: str(free_port())}
+    result = subprocess.run([str(ROOT / "docker" / f"{name}.sh")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=1700)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-6000:]}"
-    assert "smoke-test: OK" in result.stdout
+    assert f"{name}: OK" in result.stdout
+
+
+@pytest.mark.timeout(1800)
+def test_smoke_build_and_serve():
+    run_smoke_script("smoke-test", "SMOKE_PORT", "the image")
+
+
+@pytest.mark.timeout(1800)
+def test_ray_smoke_build_and_serve():
+    """docker/ray-smoke-test.sh: the `ray` profile, a Ray head and two worker containers, for real."""
+    run_smoke_script("ray-smoke-test", "RAY_SMOKE_PORT", "the ray profile")
