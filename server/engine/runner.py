@@ -102,8 +102,12 @@ class Runner:
         if not rows:
             return x_next
         known = [lanes[i].known for i in rows]
-        targets = stack_to([region.noised(self.ddpm.diffusion, lanes[i].next_t, lanes[i].steps_run)
-                            for i, region in zip(rows, known)], self.device)
+        reached = [lanes[i].next_t for i in rows]  # None: x_0, where the input itself is kept
+        inputs = stack_to([region.image for region in known], self.device)
+        noise = stack_to([region.noise[lanes[i].steps_run] for i, region in zip(rows, known)], self.device)
+        t = tensor_to([0 if t is None else t for t in reached], torch.long, self.device)
+        final = tensor_to([t is None for t in reached], torch.bool, self.device)[:, None, None, None]
+        targets = torch.where(final, inputs, self.ddpm.diffusion.q_sample(inputs, t, noise))
         keep = stack_to([region.keep for region in known], self.device)
         index = tensor_to(rows, torch.long, self.device)
         x_next = x_next.index_copy(0, index, torch.where(keep, targets, x_next[index]))

@@ -83,10 +83,6 @@ class KnownRegion:
         self.noise = NoiseStream(derived_seed(lane_seed, KNOWN_NOISE_KEY), 0, shape, steps)
         self.jump_noise = NoiseStream(derived_seed(lane_seed, JUMP_NOISE_KEY), 0, shape, jumps) if jumps else None
 
-    def noised(self, diffusion: GaussianDiffusion, t: int | None, position: int) -> torch.Tensor:
-        """The input encoded to timestep t with draw `position` (t None: after the last step, the input)."""
-        return self.image if t is None else encode(diffusion, self.image, t, self.noise[position])
-
 
 def encode(diffusion: GaussianDiffusion, image: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
     """q(x_t | x_0) for one image (eq. 4, the model's own q_sample)."""
