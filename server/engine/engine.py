@@ -152,12 +152,12 @@ class Engine:
         if self._loop is None:
             self.observer.on_reject("closed")
             raise EngineClosed("the engine has not been started")
-        plan = self._runner.plan(spec.sampler, spec.steps, spec.eta, resampling=resampling(spec.source))
+        jumps = resampling(spec.source)
+        plan = self._runner.plan(spec.sampler, spec.steps, spec.eta, resampling=jumps)
         timeout_s = self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s
         channel = EventChannel(self._loop)
         starts = lane_starts(spec.source, spec.n, plan.timesteps, self._runner.num_timesteps)
-        lane_plans = [self._runner.plan(spec.sampler, spec.steps, spec.eta, start.cursor) if start.cursor else plan
-                      for start in starts]
+        lane_plans = [self._runner.plan(spec.sampler, spec.steps, spec.eta, start.cursor, jumps) for start in starts]
         request = Request(uuid.uuid4().hex, spec, plan, timeout_s, channel, on_start, starts, lane_plans)
         with self._lock:
             if self._fault is not None:

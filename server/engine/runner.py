@@ -16,7 +16,7 @@ which their zero coefficients ignore. Nothing waits for the device: no value is 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,27 +48,30 @@ class Runner:
         start: for a lane that starts at that step (make_plan's start), indexed like the full plan;
         resampling: (jump_length, jump_n_sample) of RePaint. Lanes hold their plan, so evicting
         one never disturbs a running lane."""
-        key = (sampler, steps, eta, start, resampling)
+        diffusion = self.ddpm.diffusion
+
+        def build_full() -> LanePlan:
+            full = make_plan(diffusion, sampler, steps, eta)
+            return LanePlan.of(resample(full, *resampling) if resampling else full, diffusion.schedule.alphas_cumprod)
+
+        full = self._cached((sampler, steps, eta, 0, resampling), build_full)
+        if start == 0 or not full.carries:  # without history the rows from `start` on are the same
+            return full
+
+        def build_restarted() -> LanePlan:
+            tail = make_plan(diffusion, sampler, steps, eta, start)
+            return full.restarted(LanePlan.of(tail, diffusion.schedule.alphas_cumprod), start)
+
+        return self._cached((sampler, steps, eta, start, resampling), build_restarted)
+
+    def _cached(self, key: tuple, build: Callable[[], LanePlan]) -> LanePlan:
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        plan = self._build_plan(sampler, steps, eta, start, resampling)
-        self._plans[key] = plan
+        plan = self._plans[key] = build()
         if len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
         return plan
-
-    def _build_plan(self, sampler: str, steps: int, eta: float, start: int,
-                    resampling: tuple[int, int] | None) -> LanePlan:
-        diffusion = self.ddpm.diffusion
-        full = make_plan(diffusion, sampler, steps, eta)
-        if resampling is not None:
-            full = resample(full, *resampling)
-        lane_plan = LanePlan.of(full, diffusion.schedule.alphas_cumprod)
-        if start == 0 or not full.carries:  # without history the rows from `start` are the same
-            return lane_plan
-        tail = make_plan(diffusion, sampler, steps, eta, start)
-        return lane_plan.restarted(LanePlan.of(tail, diffusion.schedule.alphas_cumprod), start)
 
     def step(self, lanes: Sequence[Lane]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One reverse step for every lane; returns (x_next, x0_hat) per lane.
