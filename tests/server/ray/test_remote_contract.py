@@ -14,3 +14,22 @@ from tests.server.test_contract import assert_implements  # noqa: E402
 def test_the_remote_engine_implements_the_engine_client():
     engine = RemoteEngine(None, None, NullObserver(), max_attempts=3, max_replicas=2, grace_s=1.0)
     assert_implements(RemoteEngine, EngineClient, engine)
+
+
+def test_a_local_ray_instance_starts_without_the_dashboard(monkeypatch):
+    # bench/replicas.py on 2 cores: the dashboard's processes cost ~8% of the throughput.
+    import ray
+
+    from server.ray import deploy
+    from server.settings import Settings
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(RuntimeError, match="stop here"):
+        deploy.serve_on_ray(Settings(), deploy.Scaling())
+    assert calls[0]["include_dashboard"] is False
