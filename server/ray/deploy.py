@@ -28,6 +28,7 @@ from .ingress import Ingress
 from .replica import EngineReplica
 
 APP_NAME = "ddpm"
+INGRESS_MAX_ONGOING_REQUESTS = 10_000  # requests (HTTP and WebSocket) one ingress copy takes at once
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,15 @@ def images_policy(ctx) -> tuple[float, dict]:
     `target_ongoing_requests` images each (Ray applies the delays and bounds around it)."""
     images = sum(ctx.aggregated_metrics.get("images", {}).values())
     return math.ceil(images / ctx.config.get_target_ongoing_requests()), ctx.policy_state
+
+
+def ingress_options(settings: Settings, scaling: Scaling) -> dict:
+    # Ray's default of 5 ongoing requests per deployment replica would hold the 6th client of an
+    # ingress copy in Ray's proxy (WebSockets and job followers included); the app's own
+    # admission (429 + Retry-After once --max-queue images wait per replica) bounds the work.
+    return {"num_replicas": scaling.ingress_copies, "ray_actor_options": {"num_cpus": 0},
+            "max_ongoing_requests": INGRESS_MAX_ONGOING_REQUESTS,
+            "graceful_shutdown_timeout_s": settings.shutdown_grace_s + 5}
 
 
 def replica_options(settings: Settings, scaling: Scaling, gpus: bool) -> dict:
@@ -100,8 +110,7 @@ def application(settings: Settings, scaling: Scaling, gpus: bool = False):
     board = serve.deployment(ReplicaBoard, ray_actor_options={"num_cpus": 0}, logging_config=quiet).bind()
     replicas = serve.deployment(EngineReplica, **replica_options(settings, scaling, gpus)).bind(
         settings, board, scaling.stuck_after_s)
-    ingress = serve.deployment(Ingress, num_replicas=scaling.ingress_copies, ray_actor_options={"num_cpus": 0},
-                               graceful_shutdown_timeout_s=settings.shutdown_grace_s + 5)
+    ingress = serve.deployment(Ingress, **ingress_options(settings, scaling))
     return ingress.bind(settings, replicas, board, scaling.max_replicas)
 
 

@@ -33,3 +33,14 @@ def test_a_local_ray_instance_starts_without_the_dashboard(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         deploy.serve_on_ray(Settings(), deploy.Scaling())
     assert calls[0]["include_dashboard"] is False
+
+
+def test_an_ingress_copy_takes_more_than_rays_default_five_requests_at_once():
+    # Regression: with Ray's default max_ongoing_requests (5), the 6th concurrent client of an
+    # ingress copy, a WebSocket follower too, waited in Ray's proxy (bench/replicas.py: 8
+    # clients, p50 time to first frame 2.5 s against 0.55 s for one plain process).
+    from server.ray import deploy
+    from server.settings import Settings
+
+    options = deploy.ingress_options(Settings(), deploy.Scaling(max_replicas=2))
+    assert options["max_ongoing_requests"] >= 1000
