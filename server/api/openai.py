@@ -226,6 +226,7 @@ async def sse_events(state: ServerState, spec: ValidSpec, owner: str | None, pre
     """OpenAI's stream: `{prefix}.partial_image` per preview, `{prefix}.completed` per image."""
     with state.slots.hold(owner):
         handle = state.engine.submit(spec)
+        yield ": accepted\n\n"  # an SSE comment, which clients skip: the stream has begun (on Ray, headers go now)
         sent: dict[int, int] = {}
         try:
             async for event in handle.events():

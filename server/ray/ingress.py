@@ -61,7 +61,9 @@ class ReplicaMetrics(Collector):
 class ReplicaHeaders:
     """ASGI middleware: X-DDPM-Ingress on every response, X-DDPM-Replica on those whose request a
     replica took (the request's run names it in the Served it inherits; see remote.served_by).
-    A response ready before its run was placed (POST /jobs) waits up to PLACEMENT_WAIT_S for it."""
+    A response ready before its run was placed (POST /jobs) waits up to PLACEMENT_WAIT_S for it.
+    The headers go out with the first body chunk: an event stream submits its request after its
+    headers are ready, and sends a first chunk (a comment) once it has."""
 
     def __init__(self, app: Any, ingress: str):
         self.app, self.ingress = app, ingress
@@ -71,19 +73,28 @@ class ReplicaHeaders:
             return await self.app(scope, receive, send)
         served = Served()
         served_by.set(served)
+        held_start: dict | None = None
 
         async def send_with_headers(message):
+            nonlocal held_start
             if message["type"] == "http.response.start":
-                if served.submitted and not served.settled.is_set():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(served.settled.wait(), PLACEMENT_WAIT_S)
-                headers = [*message.get("headers", []), (b"x-ddpm-ingress", self.ingress.encode())]
-                if served.replica is not None:
-                    headers.append((b"x-ddpm-replica", served.replica.encode()))
-                message = {**message, "headers": headers}
+                held_start = message
+                return
+            if held_start is not None:
+                start, held_start = held_start, None
+                await send(await self.with_headers(start, served))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def with_headers(self, start: dict, served: Served) -> dict:
+        if served.submitted and not served.settled.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(served.settled.wait(), PLACEMENT_WAIT_S)
+        headers = [*start.get("headers", []), (b"x-ddpm-ingress", self.ingress.encode())]
+        if served.replica is not None:
+            headers.append((b"x-ddpm-replica", served.replica.encode()))
+        return {**start, "headers": headers}
 
 
 def remote_engine_factory(replicas: Any, board: Any, max_replicas: int):

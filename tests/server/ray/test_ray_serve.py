@@ -114,6 +114,14 @@ def replicas_named(events: list[dict]) -> list[str]:
     return [event["replica"] for event in events if event["type"] in ("queued", "started")]
 
 
+def openai_stream(url: str) -> tuple[str | None, list[str]]:
+    """A streamed /v1/images/generations: its X-DDPM-Replica header and its event lines."""
+    body = {"steps": 5, "seed": 9, "stream": True, "partial_images": 1}
+    with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=120) as response:
+        return response.headers.get("x-ddpm-replica"), [line for line in response.iter_lines()
+                                                        if line.startswith("event:")]
+
+
 def test_rest_websocket_and_job_clients_all_finish_with_the_models_images_on_both_replicas(url, tiny_ddpm):
     with ThreadPoolExecutor(8) as pool:
         rest = [pool.submit(generate, url, n=2, steps=20, sampler=sampler, seed=seed)
@@ -135,6 +143,8 @@ def test_rest_websocket_and_job_clients_all_finish_with_the_models_images_on_bot
     assert {future.result().headers["x-ddpm-replica"] for future in rest} <= ids
     assert len(set(replicas_named(events))) == 1 and set(replicas_named(events)) <= ids  # WebSocket: queued, started
     assert job.result()["accepted_by"] in ids  # POST /jobs names the replica that accepted the job
+    replica, events_sent = openai_stream(url)
+    assert replica in ids and events_sent[-1] == "event: image_generation.completed"  # /v1 streams name it too
     metrics = httpx.get(f"{url}/metrics").text
     for replica in served:
         assert f'ddpm_requests_finished_total{{outcome="succeeded",replica="{replica["id"]}"}}' in metrics
