@@ -17,6 +17,8 @@ import torch  # noqa: E402
 
 import model  # noqa: E402
 
+pytest_plugins = ["tests.redis_server"]  # the `redis_server` fixture, for any test that asks for it
+
 
 def randomize_weights_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Overwrite every parameter with seeded noise, the zero-initialised output layers included.

@@ -1,6 +1,7 @@
 """A real `redis-server` on a free loopback port, for the Redis job store's tests (no fakes).
 
-`redis_server` is a session-scoped pytest fixture: import it into a test module to use it; it
+`redis_server` is a session-scoped pytest fixture, available to every test (tests/conftest.py
+loads this module as a plugin); it
 skips, with the reason, when redis-server is not installed (`.ci/run` installs it) or the
 `redis` package is missing. Tests share it by giving each store its own key prefix
 (`server.url_for(...)`). `RedisServer` alone starts private servers: with a password, with

@@ -87,6 +87,8 @@ def retry_after_s(excess: int, running: list[int], waiting: list[int], batch_cap
         lifetime = sum(waiting) / len(waiting) if waiting else 0
         steps = (running[-1] if running else 0) + rounds * lifetime
     return min(MAX_RETRY_AFTER_S, max(1.0, steps * step_s))
+
+
 OUTCOME_OF_CODE = {"cancelled": "cancelled", "timeout": "timeout", "shutdown": "shutdown"}
 
 

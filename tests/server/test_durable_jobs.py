@@ -20,7 +20,6 @@ from PIL import Image
 import model
 from model.data import to_uint8
 from server.settings import SHIPPED_WEIGHTS
-from tests.redis_server import redis_server  # noqa: F401  (a fixture)
 from tests.server.api.live_server import free_port, run_server
 
 # Killed by the sitecustomize below whenever a batch holds a lane of this seed.

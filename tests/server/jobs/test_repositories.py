@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from server.jobs import JobRecord, StoreError, open_repository
-from tests.redis_server import RedisServer, free_port, redis_server, require_redis  # noqa: F401  (a fixture)
+from tests.redis_server import RedisServer, free_port, require_redis
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
