@@ -483,7 +483,7 @@ def engine(check: Check) -> None:
     report.verdict("engine", f"mixed requests on {check.device}", all(done) and ready,
                    f"{sum(done)}/{len(done)} done, ready {ready}")
     worst = 0
-    for spec, outcome in zip(specs, outcomes):
+    for spec, outcome in zip(specs, outcomes, strict=True):
         if isinstance(outcome.event, Done):
             reference = grey_levels(ddpm.sample(spec.n, steps=spec.steps, sampler=spec.sampler, eta=spec.eta,
                                                 seed=spec.seed))
@@ -537,7 +537,7 @@ def speed(check: Check) -> None:
 
 def figures(batches: tuple[int, ...], values: list[float]) -> str:
     return ", ".join(f"b{batch} {value:,.0f}" if value >= 100 else f"b{batch} {value:.3g}"
-                     for batch, value in zip(batches, values))
+                     for batch, value in zip(batches, values, strict=True))
 
 
 def unet_speed(check: Check, ddpm: model.DDPM, batch: int) -> float:
@@ -594,7 +594,7 @@ def train(check: Check) -> None:
             for step in range(DETERMINISM_STEPS):
                 run.train_step(step)
             weights.append([p.detach().cpu() for p in run.state.model.parameters()])
-        same = all(torch.equal(a, b) for a, b in zip(*weights))
+        same = all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
         report.verdict("train", "--deterministic: the same weights twice", same, "bit for bit" if same else "differ")
     finally:
         torch.use_deterministic_algorithms(deterministic[0])

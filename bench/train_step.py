@@ -98,7 +98,7 @@ def main() -> None:
     for name in args.presets:
         batch = args.batch_size or DEFAULT_BATCH.get(name, 16)
         r = compare(name, batch, args.device, args.blocks, args.steps)
-        blocks = " ".join(f"{t:.2f}/{p:.2f}" for t, p in zip(r["blocks"]["trainer"], r["blocks"]["plain"]))
+        blocks = " ".join(f"{t:.2f}/{p:.2f}" for t, p in zip(r["blocks"]["trainer"], r["blocks"]["plain"], strict=True))
         print(f"{name:8s} batch {batch:4d}: trainer {r['trainer']:.3f} steps/s, plain {r['plain']:.3f} steps/s, "
               f"overhead {r['overhead_pct']:+.1f}%  (per block trainer/plain: {blocks})")
 

@@ -102,7 +102,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any], source: str) -> UNetConfig:
         raise CheckpointError(f"{source}: up_block_types {cfg['up_block_types']} do not mirror {down}")
     # One attention head everywhere, the middle block's included (its width is the last level's).
     head_dim = field("attention_head_dim")
-    attended = [c for c, kind in zip(channels, down) if kind == "AttnDownBlock2D"] + channels[-1:]
+    attended = [c for c, kind in zip(channels, down, strict=True) if kind == "AttnDownBlock2D"] + channels[-1:]
     if head_dim is not None and any(c != head_dim for c in attended):
         raise CheckpointError(f"{source}: multi-head attention (attention_head_dim={head_dim}) is not supported")
     norm_groups = field("norm_num_groups")

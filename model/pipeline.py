@@ -84,7 +84,7 @@ class DDPM:
             x = noise.to(device=device, dtype=x.dtype)
         carried: dict[Slot, torch.Tensor] = {}  # what a multistep sampler keeps between steps
         with eval_mode(self.unet):
-            for i, (t, coefs) in enumerate(zip(plan.timesteps.tolist(), plan.coefs)):
+            for i, (t, coefs) in enumerate(zip(plan.timesteps.tolist(), plan.coefs, strict=True)):
                 eps = self.unet(x, torch.full((n,), t, device=device, dtype=torch.long))
                 slots = {Slot.X_T: x, Slot.EPS: eps, **carried}
                 if plan.noisy:

@@ -1,5 +1,6 @@
 """The code passes ruff with pyproject.toml's rules: no unused imports or names, nothing
-undefined, no syntax newer than the Python the project declares (requires-python)."""
+undefined, every zip() strict or saying why not, no syntax newer than the Python the project
+declares (requires-python)."""
 
 from __future__ import annotations
 

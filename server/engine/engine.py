@@ -395,7 +395,7 @@ class Engine:
             return
         self._timer.stop(start, len(batch))
         self._scheduler.step_succeeded()
-        for lane, x in zip(batch, x_prev):
+        for lane, x in zip(batch, x_prev, strict=True):
             lane.advance(x)
         self._publish(batch, x_prev, x0)
 
@@ -457,7 +457,7 @@ class Engine:
             return
         every = request.spec.preview_every
         frames = {}
-        for lane, lane_x_t, lane_x0 in zip(lanes, x_t, x0):
+        for lane, lane_x_t, lane_x0 in zip(lanes, x_t, x0, strict=True):
             if lane.cursor % every or lane.finished:  # the final image comes with Done
                 continue
             for kind in request.spec.preview_kinds:

@@ -178,11 +178,11 @@ class Request:
         indices = range(first, first + count)
         cursors = [self.starts[index].cursor for index in indices]
         streams = [NoiseStream(self.seed, 0 if self.one_noise else index, shape, self._draws(cursor))
-                   for index, cursor in zip(indices, cursors)]
+                   for index, cursor in zip(indices, cursors, strict=True)]
         x_start = stack_to([self._first_sample(index, stream[0], cursor, diffusion)
-                            for index, stream, cursor in zip(indices, streams, cursors)], device).unbind(0)
+                            for index, stream, cursor in zip(indices, streams, cursors, strict=True)], device).unbind(0)
         lanes = [Lane(self, index, self.lane_plans[index], stream, x, cursor, self._known_region(index, cursor))
-                 for index, stream, x, cursor in zip(indices, streams, x_start, cursors)]
+                 for index, stream, x, cursor in zip(indices, streams, x_start, cursors, strict=True)]
         self.lanes.extend(lanes)
         self.lanes_waiting -= count
         return lanes

@@ -94,7 +94,7 @@ class Runner:
         x0 = out.x0.unbind(0)
         if carried:
             corrected = out.corrected.unbind(0) if out.corrected is not None else [None] * len(lanes)
-            for lane, lane_x0, lane_corrected in zip(lanes, x0, corrected):
+            for lane, lane_x0, lane_corrected in zip(lanes, x0, corrected, strict=True):
                 lane.next_carried = next_carried(lane.carried, lane_x0, lane_corrected, lane.plan.carries)
         return x_next.unbind(0), x0
 
@@ -107,7 +107,7 @@ class Runner:
         known = [lanes[i].known for i in rows]
         reached = [lanes[i].next_t for i in rows]  # None: x_0, where the input itself is kept
         inputs = stack_to([region.image for region in known], self.device)
-        noise = stack_to([region.noise[lanes[i].steps_run] for i, region in zip(rows, known)], self.device)
+        noise = stack_to([region.noise[lanes[i].steps_run] for i, region in zip(rows, known, strict=True)], self.device)
         t = tensor_to([0 if t is None else t for t in reached], torch.long, self.device)
         final = tensor_to([t is None for t in reached], torch.bool, self.device)[:, None, None, None]
         targets = torch.where(final, inputs, self.ddpm.diffusion.q_sample(inputs, t, noise))
@@ -119,7 +119,7 @@ class Runner:
 
     def _jump(self, x_next: torch.Tensor, jumping: list, lanes: Sequence[Lane]) -> torch.Tensor:
         """x = kept * x + fresh * z for each (row, Jump): q(x_t | x_s) up to the next step's t."""
-        rows, jumps = zip(*jumping)
+        rows, jumps = zip(*jumping, strict=True)
         kept = tensor_to([jump.kept for jump in jumps], torch.float32, self.device)[:, None, None, None]
         fresh = tensor_to([jump.fresh for jump in jumps], torch.float32, self.device)[:, None, None, None]
         z = stack_to([lanes[i].known.jump_noise[jump.ordinal] for i, jump in jumping], self.device)

@@ -49,7 +49,7 @@ def x_T_for(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
 def run_plan(plan: SamplingPlan, eps_model, x_T: torch.Tensor, noises) -> torch.Tensor:
     """x after every step, [steps, B, C, H, W], as DDPM.sample steps a batch."""
     batch, x, carried, trajectory = x_T.shape[0], x_T, {}, []
-    for t, coefs, noise in zip(plan.timesteps, plan.coefs, noises):
+    for t, coefs, noise in zip(plan.timesteps, plan.coefs, noises, strict=True):
         slots = {Slot.X_T: x, Slot.EPS: eps_model(x, t.expand(batch)), Slot.NOISE: noise, **carried}
         step = denoise_step(coefs.expand(batch, -1), slots, plan.corrects)
         carried = next_carried(carried, step.x0, step.corrected, plan.carries)

@@ -26,7 +26,7 @@ def bars(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [count, 28, 28] images of one bar at a random place: label 0 horizontal, 1 vertical."""
     images = np.zeros((count, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 2, size=count).astype(np.uint8)
-    for image, label, (a, b) in zip(images, labels, rng.integers(4, 20, size=(count, 2))):
+    for image, label, (a, b) in zip(images, labels, rng.integers(4, 20, size=(count, 2)), strict=True):
         if label == 0:
             image[a : a + 3, b - 2 : b + 8] = 255
         else:

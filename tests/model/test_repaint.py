@@ -3,6 +3,8 @@ lands, and the noising back up."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from diffusers import RePaintScheduler
@@ -22,7 +24,7 @@ def diffusers_model_steps(steps: int, jump_length: int, jump_n_sample: int) -> l
     scheduler = RePaintScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     scheduler.set_timesteps(steps, jump_length, jump_n_sample)
     visited = scheduler.timesteps.tolist()
-    return [t for last, t in zip([float("inf"), *visited], visited) if t < last]
+    return [t for last, t in itertools.pairwise([float("inf"), *visited]) if t < last]
 
 
 @pytest.mark.parametrize("steps, jump_length, jump_n_sample", [(10, 3, 2), (25, 10, 10), (50, 5, 3), (7, 10, 4),

@@ -74,7 +74,7 @@ def test_ddim_matches_diffusers_ddim_scheduler(steps, eta):
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=True, set_alpha_to_one=True, steps_offset=0)
     scheduler.set_timesteps(steps)
     x_T, noises = x_T_for(1), step_noises(steps, seed=3)
-    noise_at = {int(t): z for t, z in zip(scheduler.timesteps, noises)}
+    noise_at = {int(t): z for t, z in zip(scheduler.timesteps, noises, strict=True)}
     config = model.DiffusionConfig()
     expected = diffusers_trajectory(
         FakeDenoiser(config), scheduler, x_T,

@@ -45,7 +45,7 @@ def compare_with_diffusers(sampler: str, steps: int, config: model.DiffusionConf
     scheduler.set_timesteps(steps)
     scheduler.set_begin_index(start)
     x_T, noises = x_T_for(3), step_noises(steps - start, seed=5)
-    noise_at = {int(t): z for t, z in zip(scheduler.timesteps[start:], noises)}
+    noise_at = {int(t): z for t, z in zip(scheduler.timesteps[start:], noises, strict=True)}
     extra = (lambda t: {"variance_noise": noise_at[int(t)]}) if sampler == "dpmpp_2m_sde" else (lambda t: {})
     expected = diffusers_trajectory(denoiser, scheduler, x_T, lambda eps, t, x: scheduler.step(eps, t, x, **extra(t)),
                                     start)
@@ -185,7 +185,7 @@ def test_lanes_of_every_sampler_at_different_steps_batch_exactly_like_they_run_a
             break
         step_together([lane for i, lane in enumerate(running) if (i + round_) % 3], eps_model)  # a changing subset
         step_together([lane for i, lane in enumerate(running) if not (i + round_) % 3], eps_model)
-    for seed, (plan, lane) in enumerate(zip(plans, crowd)):
+    for seed, (plan, lane) in enumerate(zip(plans, crowd, strict=True)):
         alone = SimulatedLane(plan, seed)
         while alone.cursor < len(plan):
             step_together([alone], eps_model)

@@ -88,7 +88,7 @@ def test_kill_9_loses_nothing_and_the_rerun_gives_the_same_images(tmp_path, stor
         views = [job(server.url, j["id"]) for j in accepted]
     assert [v["attempts"] for v in views] == [2, 1, 1, 1]
     ddpm = model.load(SHIPPED_WEIGHTS)
-    for request, created, view in zip(requests, accepted, views):
+    for request, created, view in zip(requests, accepted, views, strict=True):
         expected = ddpm.sample(request["n"], steps=request["steps"], sampler=request["sampler"], seed=created["seed"])
         difference = np.abs(pixels(view).astype(int) - to_uint8(expected).squeeze(1).numpy().astype(int))
         assert difference.max() <= 1, f"job {request}: not the images of its seed"

@@ -103,7 +103,7 @@ def assert_images_match(done: Done, reference: torch.Tensor) -> None:
     """The PNGs of `done` equal the reference [n, 1, H, W] images to within one grey level
     (batch sizes may change the last bits of a convolution)."""
     assert [image.index for image in done.images] == list(range(reference.shape[0]))
-    for image, expected in zip(done.images, reference):
+    for image, expected in zip(done.images, reference, strict=True):
         got = decode_png(image.png).astype(int)
         want = to_uint8(expected)[0].cpu().numpy().astype(int)
         assert got.shape == want.shape

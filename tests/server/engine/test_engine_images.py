@@ -64,7 +64,7 @@ def test_every_policy_computes_the_same_images(tiny_ddpm, policy):
             handles = [submit(engine, spec) for spec in specs]
             return [await handle.result() for handle in handles]
 
-    for spec, done in zip(specs, run(body())):
+    for spec, done in zip(specs, run(body()), strict=True):
         assert_images_match(done, tiny_ddpm.sample(spec.n, steps=spec.steps, sampler=spec.sampler, seed=spec.seed))
 
 

@@ -44,7 +44,7 @@ def generate(ddpm, *specs: GenerationSpec, max_batch: int = 8):
 def test_a_variation_at_strength_one_is_the_plain_image_of_its_seed(tiny_ddpm):
     plain, variation = generate(tiny_ddpm, GenerationSpec(n=2, steps=10, seed=4),
                                 GenerationSpec(n=2, steps=10, seed=4, source=Source("variation", picture(0), 1.0)))
-    for a, b in zip(images(plain), images(variation)):
+    for a, b in zip(images(plain), images(variation), strict=True):
         assert np.array_equal(a, b)
 
 
@@ -90,7 +90,7 @@ def test_resampled_inpainting_keeps_the_known_pixels_and_runs_repaints_steps(tin
     assert totals == {resampled_steps(10, 3, 3)} == {len(resampling_rows(10, 3, 3))} == {28}
     keep = np.frombuffer(source.keep, dtype=np.uint8).reshape(SHAPE[1:])
     plain, = generate(tiny_ddpm, GenerationSpec(n=2, steps=10, seed=3, source=inpaint_source(picture(2))))
-    for image, without in zip(images(done), images(plain)):
+    for image, without in zip(images(done), images(plain), strict=True):
         assert np.array_equal(image[keep == 1], pixels(picture(2))[keep == 1])
         assert not np.array_equal(image[keep == 0], without[keep == 0])  # the resampling changed the rest
 
@@ -99,7 +99,7 @@ def test_one_sample_per_jump_is_no_resampling(tiny_ddpm):
     once, plain = generate(tiny_ddpm,
                            GenerationSpec(n=2, steps=10, seed=3, source=inpaint_source(picture(2), jump_n_sample=1)),
                            GenerationSpec(n=2, steps=10, seed=3, source=inpaint_source(picture(2))))
-    for a, b in zip(images(once), images(plain)):
+    for a, b in zip(images(once), images(plain), strict=True):
         assert np.array_equal(a, b)
 
 
@@ -157,9 +157,9 @@ def test_image_lanes_beside_plain_lanes_give_the_images_they_give_alone(tiny_ddp
         GenerationSpec(n=2, steps=9, seed=7, source=inpaint_source(picture(10), jump_length=2, jump_n_sample=2)),
     ]
     together = generate(tiny_ddpm, *specs, max_batch=6)
-    for spec, crowd in zip(specs, together):
+    for spec, crowd in zip(specs, together, strict=True):
         alone, = generate(tiny_ddpm, spec)
-        for a, b in zip(images(alone), images(crowd)):
+        for a, b in zip(images(alone), images(crowd), strict=True):
             assert np.abs(a - b).max() <= 1
 
 

@@ -30,7 +30,7 @@ def test_requests_sharing_batches_in_bf16_get_the_images_they_get_alone(bf16_ddp
             handles = [submit(engine, spec) for spec in specs]
             return [await handle.result() for handle in handles]
 
-    for spec, done in zip(specs, run(body())):
+    for spec, done in zip(specs, run(body()), strict=True):
         alone = torch.cat([bf16_ddpm.sample(1, steps=spec.steps, sampler=spec.sampler, seed=spec.seed, first_index=i)
                            for i in range(spec.n)])
         assert_images_match(done, alone)

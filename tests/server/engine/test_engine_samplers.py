@@ -59,7 +59,7 @@ def test_a_step_retried_after_running_out_of_memory_computes_the_same_images(con
 
     results = run(body())
     assert next(failures, "all raised") == "all raised"
-    for spec, done in zip(specs, results):
+    for spec, done in zip(specs, results, strict=True):
         assert_images_match(done, reference(tiny_ddpm, spec))
 
 
@@ -71,12 +71,12 @@ def test_the_runner_step_can_be_repeated_until_committed(tiny_ddpm):
     with torch.inference_mode():
         for _ in range(3):  # committed steps, so that multistep lanes hold history
             x_next, _ = runner.step(lanes)
-            for lane, x in zip(lanes, x_next):
+            for lane, x in zip(lanes, x_next, strict=True):
                 lane.advance(x)
         first = runner.step(lanes)
         again = runner.step(lanes)
-    for first_rows, again_rows in zip(first, again):  # x_next, then x0_hat
-        assert all(torch.equal(a, b) for a, b in zip(first_rows, again_rows))
+    for first_rows, again_rows in zip(first, again, strict=True):  # x_next, then x0_hat
+        assert all(torch.equal(a, b) for a, b in zip(first_rows, again_rows, strict=True))
 
 
 def admitted_lanes(runner: Runner, specs) -> list:

@@ -127,7 +127,7 @@ def test_rest_websocket_and_job_clients_all_finish_with_the_models_images_on_bot
                 for seed in range(4) for sampler in ("ddpm", "ddim")]
         websocket = pool.submit(stream, url, n=1, steps=20, seed=7, preview_every=5)
         job = pool.submit(run_job, url, n=2, steps=20, seed=8)
-        for future, sampler in zip(rest, ["ddpm", "ddim"] * 4):
+        for future, sampler in zip(rest, ["ddpm", "ddim"] * 4, strict=True):
             response = future.result()
             assert response.headers["x-ddpm-replica"]
             assert_images_are_the_models(tiny_ddpm, response.json(), 20, sampler)
