@@ -88,6 +88,9 @@ def replica_options(settings: Settings, scaling: Scaling, gpus: bool) -> dict:
         "target_ongoing_requests": settings.max_batch,  # in images: one full batch per replica
         "upscale_delay_s": scaling.upscale_delay_s,
         "downscale_delay_s": scaling.downscale_delay_s,
+        # Deprecated in Ray's AutoscalingConfig (a DeprecationWarning) for two
+        # RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S variables that Ray 2.60 defines but does
+        # not read yet: this field is still the only one that sets the push interval (default 10 s).
         "metrics_interval_s": 1.0,
         "look_back_period_s": 2.0,
         "policy": {"policy_function": images_policy},
