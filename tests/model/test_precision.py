@@ -162,17 +162,36 @@ def test_the_same_seed_gives_the_same_image_alone_or_in_a_crowd(tiny_path, dtype
     assert (crowd - alone).abs().max().item() <= BATCH_INVARIANCE_TOLERANCE[dtype]
 
 
-@pytest.mark.skipif(not SHIPPED.is_file(), reason=f"{SHIPPED} is absent")
+@pytest.fixture(scope="module")
+def shipped_in_both_dtypes():
+    if not SHIPPED.is_file():
+        pytest.skip(f"{SHIPPED} is absent")
+    return tuple(model.load(SHIPPED, dtype=name) for name in ("float32", "bfloat16"))
+
+
+@pytest.mark.parametrize("t", [0, 100, 500, 999])
+def test_the_shipped_unet_in_bf16_is_as_precise_as_bf16_itself(shipped_in_both_dtypes, t):
+    """Measured 0.36-0.39% (relative L2 of eps, AVX2 CPU, plain path): bf16 keeps 8 bits of
+    mantissa, 2^-8 = 0.39%, and the network's layers do not add to it. The tight check of the two."""
+    float32, bfloat16 = shipped_in_both_dtypes
+    x, timesteps = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(t)), torch.full((8,), t)
+    with torch.inference_mode():
+        expected, got = float32.unet(x, timesteps), bfloat16.unet(x, timesteps)
+    assert ((got - expected).norm() / expected.norm()).item() <= 0.01
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_bf16_samples_of_the_shipped_model_are_close_to_float32(sampler):
-    """Measured as below (AVX2 CPU, plain path): mean |bf16 - fp32| 0.004 for ddpm and ddim in [-1, 1]
-    pixels (half a grey level), 0.7% / 0.3% of pixels off by more than 0.1, up to 0.34 / 0.74 where
-    an edge moves."""
-    float32, bfloat16 = (model.load(SHIPPED, dtype=name) for name in ("float32", "bfloat16"))
-    expected, got = (ddpm.sample(4, steps=8, sampler=sampler, seed=3) for ddpm in (float32, bfloat16))
+def test_bf16_samples_of_the_shipped_model_are_close_to_float32(shipped_in_both_dtypes, sampler):
+    """Measured as below (AVX2 CPU, plain path, 8 images, seeds 3, 11, 19): mean |bf16 - fp32|
+    0.004-0.011 in [-1, 1] pixels (about one grey level), 0.4-2.4% of pixels off by more than 0.1,
+    where a stroke's edge moves; the bounds leave room for other CPUs' bf16 kernels. Samples at
+    8 steps amplify the U-Net's rounding as much as the model's field diverges: the previous
+    shipped weights, whose U-Net was as precise in bf16, moved a third as much. Whether the
+    images are as good is the score's to say (n = 256, weights/README.md: the same within noise)."""
+    expected, got = (ddpm.sample(8, steps=8, sampler=sampler, seed=3) for ddpm in shipped_in_both_dtypes)
     difference = (got - expected).abs()
-    assert difference.mean() <= 0.01  # under 1.3 grey levels on average
-    assert (difference > 0.1).float().mean() <= 0.01  # at most 1% of pixels off by 13 grey levels or more
+    assert difference.mean() <= 0.02  # 2.5 grey levels on average
+    assert (difference > 0.1).float().mean() <= 0.05  # at most 5% of pixels off by 13 grey levels or more
 
 
 # -- the fast path in reduced precision ----------------------------------------------------
